@@ -1,0 +1,203 @@
+"""Command line: ``python -m tinyslim {info, pretrain, sample, demo, bench}``.
+
+Each sub-command is a small function; argparse reports unknown options and bad values with the
+list of valid choices.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHIPPED_BASE = Path(__file__).parent / "assets" / "base_tiny.safetensors"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TINYSLIM_CACHE", Path.home() / ".cache" / "tinyslim"))
+
+
+def base_model(progress: bool = True, log=print):
+    """The pretrained tiny base model: the shipped checkpoint, else the cached one, else pretrain
+    it now (minutes on two cores) and cache it. Returns (model, where it came from)."""
+    from .data import CharTokenizer
+    from .io import CheckpointError, load_model, save_model
+    from .nn import GPTConfig
+    from .train import PretrainConfig, pretrain
+
+    expected = GPTConfig(vocab_size=CharTokenizer().vocab_size)
+    cached = _cache_dir() / "base_tiny.safetensors"
+    for path in (SHIPPED_BASE, cached):
+        if path.is_file():
+            try:
+                return load_model(path, expect_config=expected)[0], str(path)
+            except CheckpointError as err:
+                log(f"warning: ignoring {path}: {err}")
+    log(f"no base checkpoint found; pretraining one (about 10 minutes on 2 cores), cached at {cached}")
+    model, _ = pretrain(expected, PretrainConfig(), out=_cache_dir() / "pretrain_state.safetensors",
+                        progress=progress, log=log)
+    save_model(model, cached)
+    return model, f"pretrained now, cached at {cached}"
+
+
+# ---- sub-commands ------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    import cffi
+
+    from . import __version__
+    print(f"tinyslim {__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()} ({os.cpu_count()} CPUs), "
+          f"numpy {np.__version__}, cffi {cffi.__version__}")
+    try:
+        import torch
+        print(f"torch {torch.__version__} (tests and benchmarks only), {torch.get_num_threads()} threads")
+    except ImportError:
+        print("torch: not installed (needed only for tests and benchmarks)")
+    try:
+        from . import kernels
+        for line in kernels.info_lines():
+            print(line)
+    except Exception as err:  # a broken kernel package must not hide the rest of the report
+        print(f"kernels: unavailable ({type(err).__name__}: {err}); the NumPy autograd still works")
+    print(f"base checkpoint shipped: {'yes' if SHIPPED_BASE.is_file() else 'no'} ({SHIPPED_BASE})")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .data import CharTokenizer
+    from .io import save_model
+    from .nn import GPTConfig
+    from .train import PretrainConfig, knowledge_recall, pretrain
+
+    model_config = GPTConfig(vocab_size=CharTokenizer().vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
+                             n_head=args.n_head, block_size=args.block_size)
+    config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            eval_every=args.eval_every, knowledge_fraction=args.knowledge_fraction)
+    state_path = Path(args.out).with_suffix(".state.safetensors")
+    model, summary = pretrain(model_config, config, out=state_path, resume=not args.no_resume,
+                              progress=not args.quiet)
+    save_model(model, args.out, extra={"pretrain": dataclasses.asdict(config),
+                                       "val_loss": summary["val_loss"]})
+    from .data import PretrainData
+    kb = PretrainData(block_size=model_config.block_size, seed=config.seed).kb
+    recall = knowledge_recall(model, kb, CharTokenizer(), "heldout")
+    print(f"validation loss {summary['val_loss']:.4f} nats/char after {config.steps} steps; "
+          f"{summary['wall_s']:.0f} s this run, {summary['tokens_per_s']:.0f} tokens/s; "
+          f"held-out-template fact recall {recall:.1%}")
+    print(f"model written to {args.out} (resumable state in {state_path})")
+    return 0
+
+
+def _load_for_sampling(path):
+    from .io import load_model
+    if path:
+        return load_model(path)[0], path
+    return base_model()
+
+
+def cmd_sample(args) -> int:
+    from .data import CharTokenizer
+    model, source = _load_for_sampling(args.checkpoint)
+    tok = CharTokenizer()
+    idx = tok.encode(args.prompt)[None, :]
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         greedy=args.greedy, rng=np.random.default_rng(args.seed))
+    print(f"# model: {source}")
+    print(tok.decode(out[0]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data import CharTokenizer, PretrainData
+    from .train import evaluate_loss, knowledge_recall, next_char_accuracy
+
+    t0 = time.perf_counter()
+    model, source = base_model(progress=not args.quiet)
+    tok = CharTokenizer()
+    data = PretrainData(block_size=model.config.block_size, seed=0)
+    val = data.val_batches(32, 8)
+    print(f"base model: {source} ({model.num_parameters():,} parameters)")
+    print(f"  validation loss on held-out pydoc documents: {evaluate_loss(model, val):.4f} nats/char")
+    print(f"  next-character accuracy on the same text:    {next_char_accuracy(model, val):.1%}")
+    print(f"  fact recall, trained templates:   {knowledge_recall(model, data.kb, tok, 'train'):.1%}")
+    print(f"  fact recall, held-out templates:  {knowledge_recall(model, data.kb, tok, 'heldout'):.1%}")
+    prompt = "The return statement"
+    out = model.generate(tok.encode(prompt)[None, :], 200, temperature=0.8, top_k=20, rng=np.random.default_rng(0))
+    print(f"\nsample (temperature 0.8, top-k 20):\n{tok.decode(out[0])}\n")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s. The adapter experiments arrive with later issues.")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """`bench train-step …` / `bench kernels …`: forwards the remaining options to the benchmark script."""
+    import importlib.util
+
+    if not argv or argv[0] not in ("train-step", "kernels"):
+        print("usage: python -m tinyslim bench {train-step,kernels} [options]   (--help after the name for options)",
+              file=sys.stderr)
+        return 2
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{argv[0].replace('-', '_')}.py"
+    if not script.is_file():
+        print(f"benchmark script {script} not found: benchmarks run from a source checkout", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv[1:]) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tinyslim",
+                                     description="tinyslim: LoRA-family fine-tuning and forgetting, from first principles.")
+    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,bench}")
+    sub.required = True
+
+    sub.add_parser("info", help="versions, compiled backends and why any is missing").set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("pretrain", help="pretrain the tiny base GPT (progress bar, resumable)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--knowledge-fraction", type=float, default=0.3)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--out", default="runs/base/model.safetensors", help="where the final model is written")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint (default: the base model)")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--prompt", default="The ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("demo", help="the main job: base model, then (later) every method in three worlds")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+
+    sub.add_parser("bench", help="benchmarks: `bench train-step` or `bench kernels` (options follow)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # the benchmark scripts own their options
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
