@@ -332,14 +332,14 @@ class GPT(Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, rng=rng, dtype=config.np_dtype)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2)
 
-    def _check_idx(self, idx):
+    def _check_idx(self, idx, any_length: bool = False):
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
         if idx.ndim == 1:
             idx = idx[None, :]
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"GPT expects token ids as an integer array (B, T), got {idx.dtype} {idx.shape}")
         T = idx.shape[1]
-        if not 1 <= T <= self.config.block_size:
+        if T < 1 or (T > self.config.block_size and not any_length):
             raise ValueError(f"sequence length {T} is outside [1, block_size = {self.config.block_size}]")
         if idx.min() < 0 or idx.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size = {self.config.vocab_size}), "
@@ -375,7 +375,7 @@ class GPT(Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, rng=None, stop_token: int | None = None) -> np.ndarray:
         """Extend idx (B, T) by max_new_tokens tokens, cropping the context to block_size."""
-        idx = self._check_idx(idx).copy()
+        idx = self._check_idx(idx, any_length=True).copy()  # a longer prompt is cropped like the running context
         if temperature <= 0 and not greedy:
             raise ValueError(f"temperature must be > 0 (or pass greedy=True), got {temperature}")
         rng = rng if rng is not None else np.random.default_rng(0)

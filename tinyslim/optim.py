@@ -75,9 +75,11 @@ class Optimizer:
             if i >= len(params):
                 raise ValueError(f"optimizer state has an entry for parameter {i} but there are {len(params)}")
             value = np.array(value)
-            if name in ("exp_avg", "exp_avg_sq", "momentum") and value.shape != params[i].shape:
+            moment = name in ("exp_avg", "exp_avg_sq", "momentum")
+            if moment and value.shape != params[i].shape:
                 raise ValueError(f"optimizer state {key} has shape {value.shape}, parameter is {params[i].shape}")
-            self.state.setdefault(id(params[i]), {})[name] = value if value.ndim else value.item()
+            # moments stay arrays even for a 0-d parameter: AdamW updates them in place
+            self.state.setdefault(id(params[i]), {})[name] = value if (value.ndim or moment) else value.item()
 
     def step(self):
         raise NotImplementedError
@@ -145,6 +147,7 @@ def Adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8) -> Ada
 
 def clip_grad_norm_(params, max_norm: float) -> float:
     """Scale all gradients so that their global L2 norm is at most max_norm; returns the norm before."""
+    params = list(params)  # a generator would be used up by the first pass
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
