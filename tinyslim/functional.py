@@ -515,17 +515,35 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 class Gelu(Function):
     @staticmethod
     def forward(ctx, x):
-        # GPT-2's tanh approximation: 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
-        t = np.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+        # GPT-2's tanh approximation: 0.5 x (1 + tanh(u)),  u = √(2/π) (x + 0.044715 x³)
+        # (written as in-place passes over one buffer: this op touches the widest activations, 4C)
+        t = np.multiply(x, x, out=np.empty_like(x))  # (out= keeps 0-d inputs arrays)
+        t *= _GELU_C * 0.044715
+        t += _GELU_C
+        t *= x  # u
+        np.tanh(t, out=t)  # t = tanh(u)
         ctx.save_for_backward(x, t)
-        return 0.5 * x * (1.0 + t)
+        y = t + 1.0
+        y *= x
+        y *= 0.5
+        return y
 
     @staticmethod
     def backward(ctx, g):
         x, t = ctx.saved_tensors
         # product rule on 0.5·x·(1+t), with dt/dx = (1 - t²)·√(2/π)·(1 + 3·0.044715·x²)
-        dudx = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-        return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx),)
+        dudx = np.multiply(x, x, out=np.empty_like(x))
+        dudx *= 3 * 0.044715 * _GELU_C
+        dudx += _GELU_C
+        sech2 = np.multiply(t, t, out=np.empty_like(t))
+        np.subtract(1.0, sech2, out=sech2)  # 1 - t²
+        sech2 *= dudx
+        sech2 *= x  # x·(1 - t²)·du/dx
+        sech2 += t
+        sech2 += 1.0  # (1 + t) + x·(1 - t²)·du/dx
+        sech2 *= 0.5
+        sech2 *= g
+        return (sech2,)
 
 
 def gelu(x):
@@ -630,11 +648,11 @@ def cross_entropy(logits, targets, mask=None, ignore_index: int = -1):
 class LayerNorm(Function):
     @staticmethod
     def forward(ctx, x, w, b, *, eps):  # x (..., C), w (C,), b (C,)
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        C = x.shape[-1]
+        xhat = x - x.mean(axis=-1, keepdims=True)  # centred
+        var = np.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # biased variance, as torch
         rstd = 1.0 / np.sqrt(var + eps)
-        xhat = xc * rstd
+        xhat *= rstd  # normalised
         ctx.save_for_backward(xhat, rstd, w)
         y = xhat * w if w is not None else xhat.copy()
         if b is not None:
@@ -645,15 +663,19 @@ class LayerNorm(Function):
     def backward(ctx, g):
         xhat, rstd, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
+        C = g.shape[-1]
         lead = tuple(range(g.ndim - 1))
-        dw = (g * xhat).sum(axis=lead) if need_w else None  # y = xhat·w + b
+        dw = np.einsum("nc,nc->c", g.reshape(-1, C), xhat.reshape(-1, C)) if need_w else None  # y = xhat·w + b
         db = g.sum(axis=lead) if need_b else None
         dx = None
         if need_x:
-            dxhat = g * w if w is not None else g
+            dxhat = g * w if w is not None else g.copy()
             # xhat = (x - mean)·rstd: subtract the mean path and the variance path (llm.c layernorm_backward)
-            dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                         - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+            proj = np.einsum("...c,...c->...", dxhat, xhat)[..., None] / C
+            dx = dxhat
+            dx -= dxhat.mean(axis=-1, keepdims=True)
+            dx -= xhat * proj
+            dx *= rstd
         return dx, dw, db
 
 
@@ -675,10 +697,15 @@ class Embedding(Function):
     @staticmethod
     def backward(ctx, g):
         # each row W[v] was copied to every position holding v: their gradients add up
+        # (sort the positions by id and sum each run of equal ids; faster than np.add.at)
         C = g.shape[-1]
         flat = ctx.idx.reshape(-1)
         dW = np.zeros((ctx.V, C), dtype=g.dtype)
-        np.add.at(dW, flat, g.reshape(-1, C))
+        if flat.size:
+            order = np.argsort(flat, kind="stable")
+            ids = flat[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            dW[ids[starts]] = np.add.reduceat(g.reshape(-1, C)[order], starts, axis=0)
         return None, dW
 
 
@@ -737,15 +764,14 @@ class CausalSelfAttention(Function):
         B, T, C3 = qkv.shape
         C = C3 // 3
         hd = C // n_head
-        heads = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        heads = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd) views
         q, k, v = heads[0], heads[1], heads[2]
         scale = 1.0 / math.sqrt(hd)
-        att = np.matmul(q, k.transpose(0, 1, 3, 2))  # (B, H, T, T)
-        att *= scale
+        att = np.matmul(q * qkv.dtype.type(scale), k.transpose(0, 1, 3, 2))  # (B, H, T, T), scale on the small side
         att += _causal_bias(T, qkv.dtype)
-        att -= att.max(axis=-1, keepdims=True)
+        att -= att.max(axis=-1, keepdims=True)  # softmax row by row, shifted by the row max
         np.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
+        att *= 1.0 / att.sum(axis=-1, keepdims=True)
         y = np.matmul(att, v)  # (B, H, T, hd)
         ctx.save_for_backward(q, k, v, att)
         ctx.scale = scale
@@ -760,12 +786,14 @@ class CausalSelfAttention(Function):
         # y = att v  =>  dv = attᵀ gy, datt = gy vᵀ
         dqkv[:, :, 2] = np.matmul(att.transpose(0, 1, 3, 2), gy).transpose(0, 2, 1, 3)
         datt = np.matmul(gy, v.transpose(0, 1, 3, 2))
-        # softmax backward row by row (masked entries have att = 0, so they get no gradient)
-        datt -= (datt * att).sum(axis=-1, keepdims=True)
+        # softmax backward row by row: dS = att ⊙ (datt - Σ datt·att); masked entries have att = 0
+        rowdot = np.einsum("bhij,bhij->bhi", datt, att)[..., None]
+        datt -= rowdot
         datt *= att
-        datt *= ctx.scale  # scores = scale · q kᵀ
-        dqkv[:, :, 0] = np.matmul(datt, k).transpose(0, 2, 1, 3)  # dq = dS k
-        dqkv[:, :, 1] = np.matmul(datt.transpose(0, 1, 3, 2), q).transpose(0, 2, 1, 3)  # dk = dSᵀ q
+        # scores = scale · q kᵀ  =>  dq = scale · dS k,  dk = scale · dSᵀ q (scale applied on the small side)
+        s = g.dtype.type(ctx.scale)
+        dqkv[:, :, 0] = np.matmul(datt, k * s).transpose(0, 2, 1, 3)
+        dqkv[:, :, 1] = np.matmul(datt.transpose(0, 1, 3, 2), q * s).transpose(0, 2, 1, 3)
         return (dqkv.reshape(B, T, 3 * H * hd),)
 
 
