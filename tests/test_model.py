@@ -2,6 +2,7 @@
 
 On hypothesis-drawn tiny configs in float64: the same logits, the same loss (with and without a loss
 mask) and every parameter gradient — the tied embedding included — to a relative error ≤ 1e-8.
+The comparison is tinyslim.testing's assert_module_matches_torch (weights copied by name).
 """
 from __future__ import annotations
 
@@ -12,29 +13,16 @@ from hypothesis import strategies as st
 
 from tinyslim import functional as F
 from tinyslim.nn import GPT, GPTConfig
+from tinyslim.testing import assert_module_matches_torch
+from tinyslim.testing import randomize_parameters as randomize  # init is too kind a test: random weights
+from tinyslim.testing import strategies as ts
 
-seeds = st.integers(0, 2**32 - 1)
-
-
-def randomize(model: GPT, seed: int) -> GPT:
-    """Give every parameter a random value (init leaves biases 0 and LayerNorm weights 1: too kind a test)."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for name, p in model.named_parameters():
-        if ".ln_" in name and name.endswith(".weight"):
-            state[name] = 1.0 + 0.2 * rng.standard_normal(p.shape)
-        else:
-            state[name] = 0.3 * rng.standard_normal(p.shape)
-    model.load_state_dict({k: v.astype(model.config.np_dtype) for k, v in state.items()})
-    return model
+seeds = ts.seeds()
 
 
 @st.composite
 def gpt_cases(draw):
-    n_head = draw(st.integers(1, 2))
-    config = GPTConfig(vocab_size=draw(st.integers(5, 20)), block_size=draw(st.integers(4, 8)),
-                       n_layer=draw(st.integers(1, 2)), n_head=n_head, n_embd=n_head * draw(st.integers(2, 8)),
-                       bias=draw(st.booleans()), dtype="float64")
+    config = draw(ts.gpt_configs(dtype="float64"))  # 1-2 layers and heads, vocabulary 5-20, context 4-8
     B, T = draw(st.integers(1, 3)), draw(st.integers(1, config.block_size))
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
@@ -47,53 +35,35 @@ def gpt_cases(draw):
     return config, seed, idx, targets, mask
 
 
-def relative_error(ours, ref):
-    return np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-300)
-
-
 @pytest.mark.torch
 @given(case=gpt_cases())
 def test_gpt_matches_torch_logits_loss_and_every_gradient(case):
-    import torch
-
-    from torch_gpt import TorchGPT, load_tinyslim_state
+    from torch_gpt import TorchGPT
 
     config, seed, idx, targets, mask = case
     ours = randomize(GPT(config, seed=seed % 1000), seed)
-    ref = load_tinyslim_state(TorchGPT.like(config), ours.state_dict())
-
-    logits, loss = ours(idx, targets, loss_mask=mask)
-    loss.backward()
-    ref_logits, ref_loss = ref(torch.from_numpy(idx), torch.from_numpy(targets),
-                               None if mask is None else torch.from_numpy(mask))
-    ref_loss.backward()
-
+    # every torch parameter gets a value by name; logits within rtol 1e-10 / atol 1e-12; loss.backward() alone
+    # (upstream 1 on the loss, none on the logits); every parameter gradient (the tied wte sums both uses) is
+    # present and within ‖ours − torch‖ ≤ 1e-8 ‖torch‖
+    got = assert_module_matches_torch(ours, TorchGPT.like(config), (idx, targets, mask), upstream=[None, 1.0],
+                                      rtol=1e-10, atol=1e-12, grad_rtol=1e-8)
+    (logits, _), (loss, ref_loss) = got["outputs"]
     assert logits.shape == (*idx.shape, config.vocab_size) and logits.dtype == np.float64
-    np.testing.assert_allclose(logits.data, ref_logits.detach().numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=1e-12)
-    ref_grads = {name: p.grad.numpy() for name, p in ref.named_parameters()}
-    ours_grads = {name: p.grad for name, p in ours.named_parameters()}
-    assert set(ours_grads) == set(ref_grads)
-    for name, g in ours_grads.items():
-        assert g is not None, f"{name} got no gradient"
-        err = relative_error(g, ref_grads[name])
-        assert err <= 1e-8, f"{name}: relative error {err:.2e} against torch (the tied wte sums both uses)"
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    assert set(got["grads"]) == {name for name, _ in ours.named_parameters()}
 
 
 @pytest.mark.torch
 def test_inference_logits_match_torch_without_targets():
-    import torch
-
-    from torch_gpt import TorchGPT, load_tinyslim_state
+    from torch_gpt import TorchGPT
 
     config = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, dtype="float64")
     ours = randomize(GPT(config), 1)
-    ref = load_tinyslim_state(TorchGPT.like(config), ours.state_dict())
     idx = np.random.default_rng(0).integers(0, 11, (2, 6))
-    logits, loss = ours(idx)
-    assert loss is None
-    with torch.no_grad():
-        np.testing.assert_allclose(logits.data, ref(torch.from_numpy(idx))[0].numpy(), rtol=1e-10, atol=1e-12)
+    # logits within rtol 1e-10 / atol 1e-12, no loss on either side, and (from a random upstream on the
+    # logits) every parameter gradient within 1e-8
+    got = assert_module_matches_torch(ours, TorchGPT.like(config), (idx,), rtol=1e-10, atol=1e-12)
+    assert got["outputs"][1] == (None, None)
 
 
 # ---- Module API ---------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ over every row:
 * float32 inputs run, keep float32 in the output and the gradients, and agree with float64
 
 ``test_table_covers_every_op`` fails when ``functional.__all__`` gains an op without a row.
+
+The machinery is the public toolkit ``tinyslim.testing`` (one implementation, two users: these tests
+and a learner checking their own op): ``gradcheck``, ``assert_matches_torch``, ``assert_close``, the
+value domains, ``as_layout`` and the shape strategies. This file adds only the table and its cases.
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
 import tinyslim.functional as F
 from tinyslim.autograd import Tensor, no_grad
+from tinyslim.testing import (as_layout, assert_close, assert_matches_torch, away_from_zero, distinct, gradcheck,
+                              uniform)
+from tinyslim.testing import strategies as ts
 
 try:  # the oracle; tests that need it carry @pytest.mark.torch (skipped with a message when absent)
     import torch
@@ -47,28 +53,9 @@ class Case:
     seed: int  # drives the upstream gradient and the finite-difference entries
 
 
-seeds = st.integers(0, 2**32 - 1)
-
-
-def shapes(min_dims=1, max_dims=3, max_side=4):
-    return array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=1, max_side=max_side)
-
-
-# value generators: rng, shape -> float64 array inside the op's domain
-def uniform(lo=-2.0, hi=2.0):
-    return lambda rng, shape: np.asarray(rng.uniform(lo, hi, shape), dtype=np.float64)
-
-
-def away_from_zero(rng, shape):
-    """|x| in [0.1, 2]: relu's kink at 0 stays 1e5 finite-difference steps away."""
-    return np.asarray(rng.choice([-1.0, 1.0], shape) * rng.uniform(0.1, 2.0, shape), dtype=np.float64)
-
-
-def distinct(rng, shape):
-    """All values at least 0.08 apart, so max / top-k pick one clear winner that a step cannot change."""
-    n = math.prod(shape)
-    values = (rng.permutation(n) - n / 2) * 0.1 + rng.uniform(0.0, 0.02, n)
-    return values.reshape(shape)
+seeds = ts.seeds()
+shapes = ts.shapes  # size-1 sides included; min_dims=0 adds 0-d arrays
+# value domains (rng, shape -> float64 array inside the op's domain): uniform, away_from_zero, distinct
 
 
 @st.composite
@@ -81,8 +68,7 @@ def elementwise(draw, values=uniform(), **params):
 
 @st.composite
 def broadcast_pair(draw, values_a=uniform(), values_b=uniform()):
-    pair = draw(mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=4))
-    shape_a, shape_b = pair.input_shapes
+    shape_a, shape_b = draw(ts.broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=4))
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
     return Case((values_a(rng, shape_a), values_b(rng, shape_b)), {}, seed)
@@ -91,8 +77,7 @@ def broadcast_pair(draw, values_a=uniform(), values_b=uniform()):
 @st.composite
 def matmul_pair(draw):
     # core (n, k) @ (k, m) with up to two broadcast batch dimensions on either side
-    shape_a, shape_b = draw(mutually_broadcastable_shapes(signature="(n,k),(k,m)->(n,m)", max_dims=2,
-                                                          max_side=4)).input_shapes
+    shape_a, shape_b = draw(ts.broadcastable_shapes(signature="(n,k),(k,m)->(n,m)", max_dims=2, max_side=4))
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
     return Case((uniform()(rng, shape_a), uniform()(rng, shape_b)), {}, seed)
@@ -422,11 +407,9 @@ def run_ours(op, case, arrays=None):
     return out.data, g, [t.grad for t in tensors]
 
 
-def run_torch(op, case, g):
-    tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in case.arrays]
-    out = op.ref(*tensors, **case.params)
-    grads = torch.autograd.grad(out, tensors, torch.from_numpy(g), allow_unused=True)
-    return out.detach().numpy(), [np.zeros(a.shape) if gr is None else gr.numpy() for a, gr in zip(case.arrays, grads)]
+def call(op, case):
+    """fn(*Tensors) for the toolkit: the row's op with the case's parameters."""
+    return lambda *tensors: op.ours(*tensors, **case.params)
 
 
 def forward_value(op, params):
@@ -436,52 +419,9 @@ def forward_value(op, params):
     return f
 
 
-def numerical_grad(f, arrays, i, upstream, entries, h=1e-4):
-    """Central differences of ⟨f(arrays), upstream⟩ with respect to arrays[i], at the given flat entries.
-
-    The fourth-order central stencil f'(x) ≈ [f(x-2h) - 8 f(x-h) + 8 f(x+h) - f(x+2h)] / 12h has
-    truncation error O(h⁴), so h can be large enough (1e-4) that rounding in f (~1e-16 / h) stays far
-    below 1e-6 even where the gradient is tiny next to the output (layer_norm over 2 channels). The
-    outputs are combined entry by entry before the dot product with the upstream gradient.
-    """
-    arrays = [np.array(a, dtype=np.float64) for a in arrays]
-    x = arrays[i]
-    grad = np.empty(len(entries))
-    for n, flat in enumerate(entries):
-        pos = np.unravel_index(flat, x.shape)
-        original = x[pos]
-        f_at = {}
-        for step in (-2, -1, 1, 2):
-            x[pos] = original + step * h
-            f_at[step] = f(arrays)
-        x[pos] = original
-        # pair the symmetric points first: where f does not depend on x the result is exactly 0
-        combined = 8.0 * (f_at[1] - f_at[-1]) - (f_at[2] - f_at[-2])
-        grad[n] = np.sum(combined * upstream) / (12 * h)
-    return grad
-
-
-def relative_error(numerical, analytic):
-    scale = max(np.linalg.norm(numerical), np.linalg.norm(analytic), 1e-12)
-    return np.linalg.norm(numerical - analytic) / scale
-
-
-def report(name, ours, ref):
-    """A readable failure: shapes, first values side by side, the largest difference (llm.c style)."""
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    if ours.shape != ref.shape:
-        return f"{name}: shape {ours.shape} but torch gives {ref.shape}"
-    diff = np.abs(ours - ref)
-    worst = np.unravel_index(np.argmax(diff), diff.shape) if diff.size else ()
-    return (f"{name}: max |diff| {diff.max() if diff.size else 0:.3e} at {worst}\n"
-            f"  tinyslim {ours.reshape(-1)[:6]}\n  torch    {ref.reshape(-1)[:6]}")
-
-
-def assert_close(name, ours, ref, rtol, atol):
-    assert np.shape(ours) == np.shape(ref) and np.allclose(ours, ref, rtol=rtol, atol=atol), report(name, ours, ref)
-
-
 # ---- the five tests over the table -------------------------------------------------------------
+
+TORCH, VIEWS = ("tinyslim", "torch"), ("views", "contiguous")  # the labels of a report's columns
 
 
 @pytest.mark.torch
@@ -493,76 +433,43 @@ def test_forward_matches_torch(op, data):
         out = op.ours(*[Tensor(a) for a in case.arrays], **case.params)
     ref = op.ref(*[torch.tensor(a, dtype=torch.float64) for a in case.arrays], **case.params)
     assert out.dtype == np.float64
-    assert_close(f"{op.name} forward", out.data, ref.numpy(), rtol=1e-10, atol=1e-12)
+    assert_close(out.data, ref.numpy(), rtol=1e-10, atol=1e-12, name=f"{op.name} forward", labels=TORCH)
 
 
 @pytest.mark.torch
 @ops
 @given(data=st.data())
 def test_gradients_match_torch(op, data):
+    # forward, and every input gradient (float64, shape of the input, never None) for a random upstream
     case = data.draw(op.cases, label="case")
-    out, g, grads = run_ours(op, case)
-    ref_out, ref_grads = run_torch(op, case, g)
-    assert_close(f"{op.name} forward", out, ref_out, rtol=1e-10, atol=1e-12)
-    for i, (ours, ref) in enumerate(zip(grads, ref_grads)):
-        assert ours is not None, f"{op.name}: input {i} got no gradient"
-        assert ours.shape == case.arrays[i].shape and ours.dtype == np.float64
-        assert_close(f"{op.name} d/d input {i}", ours, ref, rtol=1e-10, atol=1e-12)
+    assert_matches_torch(call(op, case), lambda *tensors: op.ref(*tensors, **case.params), *case.arrays,
+                         rtol=1e-10, atol=1e-12, seed=case.seed, name=op.name)
 
 
 @ops
 @given(data=st.data())
 def test_gradients_match_finite_differences(op, data):
+    # relative error < 1e-6 on every entry of small inputs and 24 sampled entries of larger ones
     case = data.draw(op.cases, label="case")
     assume(op.fd_domain(case))
-    _, g, grads = run_ours(op, case)
-    f = forward_value(op, case.params)
-    rng = np.random.default_rng([case.seed, 11])
-    for i, x in enumerate(case.arrays):
-        entries = np.arange(x.size) if x.size <= 24 else rng.choice(x.size, 24, replace=False)
-        numerical = numerical_grad(f, case.arrays, i, g, entries)
-        analytic = grads[i].reshape(-1)[entries]
-        err = relative_error(numerical, analytic)
-        assert err < 1e-6, (f"{op.name} d/d input {i}: relative error {err:.2e} against central differences\n"
-                            f"  analytic  {analytic[:6]}\n  numerical {numerical[:6]}")
-
-
-LAYOUTS = ("fortran", "swapped", "strided", "reversed")
-
-
-def as_layout(a: np.ndarray, layout: str) -> np.ndarray:
-    """The same values in another memory layout (a view that is not C-contiguous), read-only."""
-    if a.ndim == 0:
-        view = a.copy()
-    elif layout == "fortran":
-        view = np.asfortranarray(a)
-    elif layout == "swapped" and a.ndim >= 2:  # like a.T: a view of the transposed buffer
-        view = np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
-    elif layout in ("strided", "swapped"):  # like a[:, ::2]: every other element of a wider buffer
-        wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],))
-        wide[..., ::2] = a
-        view = wide[..., ::2]
-    else:  # negative strides along the first axis
-        view = np.ascontiguousarray(a[::-1])[::-1]
-    view.flags.writeable = False  # an op that writes into its input fails loudly
-    return view
+    gradcheck(call(op, case), *case.arrays, rtol=1e-6, max_entries=24, seed=case.seed, name=op.name)
 
 
 @ops
 @given(data=st.data())
 def test_non_contiguous_inputs(op, data):
     case = data.draw(op.cases, label="case")
-    layouts = data.draw(st.lists(st.sampled_from(LAYOUTS), min_size=len(case.arrays), max_size=len(case.arrays)),
+    layouts = data.draw(st.lists(ts.layouts(), min_size=len(case.arrays), max_size=len(case.arrays)),
                         label="layouts")
     views = [as_layout(a, layout) for a, layout in zip(case.arrays, layouts)]
     assert all(np.array_equal(v, a) for v, a in zip(views, case.arrays))
     out, _, grads = run_ours(op, case)
     out_v, _, grads_v = run_ours(op, case, views)
     # the same maths; only the summation order inside BLAS may differ with the layout
-    assert_close(f"{op.name} forward on views", out_v, out, rtol=1e-12, atol=1e-14)
+    assert_close(out_v, out, rtol=1e-12, atol=1e-14, name=f"{op.name} forward on views", labels=VIEWS)
     for i, (gv, gc) in enumerate(zip(grads_v, grads)):
         assert gv.shape == case.arrays[i].shape
-        assert_close(f"{op.name} d/d input {i} on views", gv, gc, rtol=1e-12, atol=1e-14)
+        assert_close(gv, gc, rtol=1e-12, atol=1e-14, name=f"{op.name} d/d input {i} on views", labels=VIEWS)
     assert all(np.array_equal(v, a) for v, a in zip(views, case.arrays)), f"{op.name} wrote into its input"
 
 
@@ -585,7 +492,8 @@ def test_float32_stays_float32(op, data):
     rng = np.random.default_rng([case.seed, 13])
     wobble = max(np.max(np.abs(f([a * (1 + 4 * np.finfo(np.float32).eps * rng.choice([-1.0, 1.0], a.shape))
                                   for a in arrays64]) - out64), initial=0.0) for _ in range(3))
-    assert_close(f"{op.name} float32 forward", out32, out64, rtol=1e-5, atol=1e-6 + wobble)
+    assert_close(out32, out64, rtol=1e-5, atol=1e-6 + wobble, name=f"{op.name} float32 forward",
+                 labels=("float32", "float64"))
 
 
 # ---- op-specific behaviour the table cannot express --------------------------------------------
