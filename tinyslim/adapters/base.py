@@ -1,0 +1,429 @@
+"""What every adapter method shares: RNG streams, the adapted-linear wrapper, injection by name, the
+PEFT-style verbs (mark trainable, adapter state dict, merge / unmerge / merge_and_unload, disable),
+and the ``Method`` contract that the experiment runner codes against.
+
+Shape legend: N tokens, D in features, O out features, r rank, B batch, T time.
+
+The four verbs (loralib / PEFT):
+
+    inject(model, config, seed)          wrap every targeted Linear as config.make_layer(linear, streams)
+    mark_only_adapters_trainable(model)  only the adapters' trainable factors get gradients
+    adapter_state_dict(model)            {"transformer.h.0.attn.c_attn.lora_A": A, ...}
+    merge(model) / unmerge(model)        W0 ← W0 ± ΔW in every adapted layer (methods.md §1.4)
+
+An adapted layer keeps the frozen Linear as its child ``base_layer`` (as PEFT does), so the base
+weight of ``transformer.h.0.attn.c_attn`` is named ``transformer.h.0.attn.c_attn.base_layer.weight``
+while the adapter is attached; ``merge_and_unload`` gives the plain names back.
+
+RNG discipline (methods.md §0): every random purpose (``init``, ``dropout``, ``reservoir``, ``reinit``
+…) has its own ``numpy.random.Generator``, derived from (seed, stream name) only. Switching a feature
+on therefore never shifts another stream — "m = 1 equals LoRA" and "γ = 0 equals ER" rely on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import re
+
+import numpy as np
+
+from ..autograd import Tensor, is_grad_enabled, no_grad
+from ..nn import GPT, Linear, Module
+
+__all__ = ["stream", "Streams", "AdaptedLinear", "adapted_layers", "inject", "mark_only_adapters_trainable",
+           "adapter_state_dict", "load_adapter_state_dict", "merge", "unmerge", "merge_and_unload",
+           "disable_adapters", "enable_adapters", "trainable_parameter_counts", "print_trainable_parameters",
+           "Method"]
+
+
+# ---- RNG streams ---------------------------------------------------------------------------------
+
+def _name_key(name: str) -> int:
+    # a stable 64-bit number for the name (Python's hash() is salted per process, so it will not do)
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+
+
+def _check_seed(seed) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"the run seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def stream(seed: int, name: str) -> np.random.Generator:
+    """The Generator of one purpose: a function of (seed, name) only, never of other streams."""
+    return np.random.default_rng([_check_seed(seed), _name_key(name)])
+
+
+class Streams:
+    """One Generator per stream name, created on first use: ``streams["init"]``, ``streams["reinit"]`` …"""
+
+    def __init__(self, seed: int):
+        self.seed = _check_seed(seed)
+        self._generators: dict[str, np.random.Generator] = {}
+
+    def __getitem__(self, name: str) -> np.random.Generator:
+        if name not in self._generators:
+            self._generators[name] = stream(self.seed, name)
+        return self._generators[name]
+
+    def used(self) -> list[str]:
+        """Names of the streams that have been asked for (a test can check that one stayed untouched)."""
+        return sorted(self._generators)
+
+
+# ---- the adapted linear layer --------------------------------------------------------------------
+
+class AdaptedLinear(Module):
+    """y = base_layer(x) + adapter(x): a frozen Linear plus a method's low-rank path.
+
+    A subclass defines ``adapter_delta(x2d) -> Tensor (N, O)`` (the low-rank output, through the
+    kernel op) and ``delta_weight() -> (O, D)`` (the same map as a dense matrix, for merging), and
+    names its arrays: ``adapter_names`` (in the adapter state dict) and ``trainable_names`` (trained).
+    """
+
+    adapter_names: tuple = ()
+    trainable_names: tuple = ()
+
+    def __init__(self, base_layer: Linear):
+        if not isinstance(base_layer, Linear):
+            raise TypeError(f"an adapter wraps a tinyslim Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.merged = False  # ΔW has been added into base_layer.weight: the forward skips the low-rank path
+        self.disabled = False  # the base alone (disable_adapters)
+
+    # ---- subclass hooks ------------------------------------------------------------------------
+    def adapter_delta(self, x: Tensor) -> Tensor:  # x (N, D) -> Δ (N, O)
+        raise NotImplementedError
+
+    def delta_weight(self) -> np.ndarray:  # ΔW (O, D), in the base weight's dtype
+        raise NotImplementedError
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x):  # x (..., D) -> (..., O)
+        y = self.base_layer(x)
+        if self.merged:
+            if self.training and is_grad_enabled():
+                raise RuntimeError("training while merged: the adapter's factors are not in the forward pass and would "
+                                   "get no gradient. Call unmerge(model) first (or evaluate under model.eval()).")
+            return y
+        if self.disabled:
+            return y
+        x = x if isinstance(x, Tensor) else Tensor(x)
+        lead = x.shape[:-1]
+        delta = self.adapter_delta(x.reshape(-1, self.in_features))  # (N, O)
+        return y + delta.reshape(*lead, self.out_features)
+
+    # ---- merge / unmerge (methods.md §1.4) -----------------------------------------------------
+    def merge(self):
+        """W0 ← W0 + ΔW; the forward then skips the low-rank path."""
+        if self.merged:
+            raise RuntimeError("merge: this layer is already merged; merging twice would add ΔW twice (unmerge first)")
+        W = self.base_layer.weight
+        W.data += self.delta_weight().astype(W.dtype, copy=False)
+        self.merged = True
+
+    def unmerge(self):
+        """W0 ← W0 − ΔW (restores W0 up to rounding)."""
+        if not self.merged:
+            raise RuntimeError("unmerge: this layer is not merged")
+        W = self.base_layer.weight
+        W.data -= self.delta_weight().astype(W.dtype, copy=False)
+        self.merged = False
+
+    def adapter_tensors(self) -> dict:
+        return {name: getattr(self, name) for name in self.adapter_names}
+
+    def extra_repr(self):
+        state = " merged" if self.merged else (" disabled" if self.disabled else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}{state}"
+
+
+def adapted_layers(model: Module) -> list:
+    """(name, AdaptedLinear) pairs in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+
+
+# ---- injection -----------------------------------------------------------------------------------
+
+def _linear_names(model: Module) -> list:
+    return [name for name, m in model.named_modules() if isinstance(m, Linear) and not name.endswith("base_layer")]
+
+
+def _matches(name: str, target_modules) -> bool:
+    """PEFT's rule: a string is a regular expression matched against the full name (or "all-linear");
+    a list matches a name equal to an entry or ending in "." + entry."""
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return name != "lm_head"
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def inject(model: Module, config, seed=0) -> list:
+    """Replace every Linear that ``config.target_modules`` selects by ``config.make_layer(linear, streams)``.
+
+    ``seed`` is the run seed (an int) or a ``Streams``; the layers draw from its named streams.
+    Returns the adapted module names. Raises ValueError when nothing matches (listing the Linear names
+    that exist) or when the model already carries adapters.
+    """
+    streams = seed if isinstance(seed, Streams) else Streams(seed)
+    existing = adapted_layers(model)
+    if existing:
+        raise ValueError(f"the model already has adapters at {[n for n, _ in existing][:4]}…; tinyslim attaches one "
+                         "method per model (merge_and_unload(model) first, or start from a fresh base)")
+    target_modules = config.target_modules
+    if not isinstance(target_modules, str) and (not isinstance(target_modules, (list, tuple)) or not target_modules
+                                                 or not all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be a non-empty list of names, a regex string or 'all-linear', "
+                        f"got {target_modules!r}")
+    linears = _linear_names(model)
+    names = [name for name in linears if _matches(name, target_modules)]
+    if not names:
+        hint = (" (a string is a regular expression matched against the full name, as in PEFT; pass a list such as "
+                "['attn.c_attn'] to match by suffix)" if isinstance(target_modules, str) else "")
+        raise ValueError(f"target_modules={target_modules!r} matches no Linear of the model{hint}. "
+                         f"The Linear layers are: {linears}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, config.make_layer(getattr(parent, child), streams))
+    return names
+
+
+def mark_only_adapters_trainable(model: Module) -> Module:
+    """Freeze everything, then let the adapters' trainable factors (e.g. lora_A, lora_B) train."""
+    model.freeze()
+    for _, layer in adapted_layers(model):
+        for name in layer.trainable_names:
+            getattr(layer, name).requires_grad = True
+    return model
+
+
+# ---- adapter state dict --------------------------------------------------------------------------
+
+def adapter_state_dict(model: Module) -> dict:
+    """{"<module>.<array>": copy} for every adapter array, e.g. "transformer.h.0.attn.c_attn.lora_A"."""
+    return {f"{name}.{key}": t.data.copy() for name, layer in adapted_layers(model)
+            for key, t in layer.adapter_tensors().items()}
+
+
+def load_adapter_state_dict(model: Module, state: dict) -> None:
+    """Copy adapter arrays into the model in place (optimizers keep their references)."""
+    own = {f"{name}.{key}": (layer, t) for name, layer in adapted_layers(model)
+           for key, t in layer.adapter_tensors().items()}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"load_adapter_state_dict: missing keys {missing[:6]}{'…' if len(missing) > 6 else ''}, "
+                       f"unexpected keys {unexpected[:6]}{'…' if len(unexpected) > 6 else ''} (was the state saved "
+                       "from another method, target_modules or model?)")
+    for key, (layer, t) in own.items():
+        value = np.asarray(state[key])
+        if value.shape != t.shape:
+            raise ValueError(f"load_adapter_state_dict: {key} has shape {value.shape} in the state but {t.shape} in "
+                             "the model (another r or model size?)")
+        if layer.merged:
+            raise RuntimeError(f"load_adapter_state_dict: {key.rpartition('.')[0]} is merged; unmerge(model) first")
+    for key, (_, t) in own.items():
+        np.copyto(t.data, np.asarray(state[key]), casting="same_kind")
+
+
+# ---- merge / unmerge / unload --------------------------------------------------------------------
+
+def merge(model: Module) -> Module:
+    """Merge every adapted layer: W0 ← W0 + ΔW."""
+    for _, layer in adapted_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: Module) -> Module:
+    """Undo ``merge``: W0 ← W0 − ΔW (exact only up to rounding)."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: GPT) -> GPT:
+    """Merge every adapter and put the plain Linears back (in place, as PEFT): a dense GPT with the
+    original parameter names whose Linears hold W0 + ΔW. Returns the same model object."""
+    for name, layer in adapted_layers(model):
+        if not layer.merged:
+            layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    return model
+
+
+class _AdapterSwitch:
+    """Sets every adapted layer's ``disabled`` flag; as a context manager, restores the old flags on exit."""
+
+    def __init__(self, model: Module, disabled: bool):
+        self.layers = [layer for _, layer in adapted_layers(model)]
+        if disabled and any(layer.merged for layer in self.layers):
+            raise RuntimeError("disable_adapters: the model is merged (ΔW is inside W0); unmerge(model) first")
+        self.previous = [layer.disabled for layer in self.layers]
+        for layer in self.layers:
+            layer.disabled = disabled
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for layer, flag in zip(self.layers, self.previous):
+            layer.disabled = flag
+        return False
+
+
+def disable_adapters(model: Module) -> _AdapterSwitch:
+    """The base model alone. A plain call switches the adapters off; ``with disable_adapters(model):``
+    switches them off inside the block only."""
+    return _AdapterSwitch(model, True)
+
+
+def enable_adapters(model: Module) -> _AdapterSwitch:
+    """Switch the adapters back on (also usable as a context manager)."""
+    return _AdapterSwitch(model, False)
+
+
+def trainable_parameter_counts(model: Module) -> tuple:
+    """(trainable, all) parameter counts; a tied parameter counts once."""
+    return model.num_parameters(trainable_only=True), model.num_parameters()
+
+
+def print_trainable_parameters(model: Module) -> str:
+    """Print (and return) PEFT's line: "trainable params: X || all params: Y || trainable%: Z"."""
+    trainable, total = trainable_parameter_counts(model)
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    print(line)
+    return line
+
+
+# ---- the Method contract -------------------------------------------------------------------------
+
+class Method:
+    """One adapter method as the experiment runner sees it. The runner does::
+
+        method.attach(model, seed)
+        opt = Adam(method.trainable_parameters(), lr)
+        for t, task in enumerate(tasks):
+            method.before_task(t, steps, opt)
+            for step in range(steps):
+                loss = method.loss(x, y, mask, rng)
+                opt.zero_grad(); loss.backward(); opt.step()
+                method.after_step(step, opt)
+            method.after_task(t)
+            for learner in method.learners():
+                with method.evaluating(learner):
+                    ... model(x) ...
+
+    Subclasses set ``name`` and ``config_class`` (a dataclass with ``target_modules`` and
+    ``make_layer(linear, streams)``) and override the hooks they need.
+    """
+
+    name: str = "method"
+    config_class = None
+
+    def __init__(self, config=None, **overrides):
+        if self.config_class is None:
+            raise TypeError(f"{type(self).__name__} sets no config_class")
+        fields = sorted(f.name for f in dataclasses.fields(self.config_class))
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown config fields {unknown}; the fields of "
+                             f"{self.config_class.__name__} are {fields}")
+        if config is None:
+            config = self.config_class(**overrides)
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.model = None
+        self.adapted: list = []
+        self.task_id = -1
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def attach(self, model: GPT, seed: int) -> None:
+        """Freeze the model and inject this method's adapters (random draws from the run seed's streams)."""
+        if self.model is not None:
+            raise RuntimeError(f"{self.name}: attach() was already called; make a new method for another model")
+        self.model = model
+        self.streams = Streams(seed)
+        model.freeze()
+        self.adapted = inject(model, self.config, self.streams)
+        mark_only_adapters_trainable(model)
+
+    def layers(self) -> list:
+        """The adapted layers, in model order."""
+        self._check_attached()
+        return [layer for _, layer in adapted_layers(self.model)]
+
+    def trainable_parameters(self) -> list:
+        """What the runner's optimizer trains. The objects stay the same for the whole run (knots and
+        re-initialisations write into them in place)."""
+        self._check_attached()
+        return self.model.parameters(trainable_only=True)
+
+    # ---- training hooks ----------------------------------------------------------------------------
+    def before_task(self, task_id: int, steps: int, optimizer) -> None:
+        """Start task `task_id` (`steps` optimizer steps follow). Default: reset the optimizer state."""
+        self._check_attached()
+        self.task_id = task_id
+        optimizer.reset_state()
+
+    def loss(self, x, y, mask, rng: np.random.Generator | None = None) -> Tensor:
+        """The full training loss of one batch of the current task: x, y int (B, T), mask (B, T) 0/1
+        (the answer positions the cross-entropy counts). `rng` drives the model's own dropout."""
+        self._check_attached()
+        _, loss = self.model(x, y, loss_mask=mask, rng=rng)
+        return loss
+
+    def after_step(self, step: int, optimizer) -> None:
+        """Called after every optimizer step (I-LoRA interpolates, COLA ties knots here)."""
+
+    def after_task(self, task_id: int) -> None:
+        """Called after the last step of a task, before evaluation."""
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def learners(self) -> list:
+        """Names of the models this method can evaluate; the first is the one reported."""
+        return ["default"]
+
+    def _set_learner(self, learner: str) -> str:
+        """Make `learner` active; returns the previously active one."""
+        if learner != "default":
+            raise ValueError(f"{self.name} has the learners {self.learners()}, got {learner!r}")
+        return "default"
+
+    @contextlib.contextmanager
+    def evaluating(self, learner: str | None = None):
+        """model.eval(), gradients off and `learner` (default: the reported one) active inside;
+        restores the training mode and the active learner on exit. Yields the model."""
+        self._check_attached()
+        learner = self.learners()[0] if learner is None else learner
+        was_training = self.model.training
+        previous = self._set_learner(learner)
+        self.model.eval()
+        try:
+            with no_grad():
+                yield self.model
+        finally:
+            self._set_learner(previous)
+            self.model.train(was_training)
+
+    def describe(self) -> dict:
+        """Name, config (as a dict) and, once attached, the adapted modules and trainable parameter count."""
+        out = {"name": self.name, "config": dataclasses.asdict(self.config)}
+        if self.model is not None:
+            out["adapted_modules"] = list(self.adapted)
+            out["trainable_parameters"] = int(sum(p.size for p in self.trainable_parameters()))
+        return out
+
+    def _check_attached(self):
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: call method.attach(model, seed) first")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config})"
