@@ -644,3 +644,28 @@ def test_readme_example_runs():
 
     x = np.random.default_rng(0).uniform(-4, 4, (3, 5))
     gradcheck(lambda x: SiLU.apply(x), x)             # silent when the backward is right
+
+
+class _WrongSignExp(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.exp(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return (-g * out,)  # planted bug: the sign
+
+
+def test_gradcheck_accepts_rounding_noise_where_the_exact_gradient_is_zero():
+    """Uniform logits under a temperature softmax: dL/dρ is exactly 0 and the backward gives ~1e-17,
+    so a purely relative criterion fails. The atol floor (1e-10) accepts that, and still catches a bug."""
+    def gate(logits, rho):
+        return F.softmax(logits / F.exp(rho), axis=1)
+
+    uniform_logits, rho = np.full((1, 3), 3.0), np.array(0.0)
+    gradcheck(gate, uniform_logits, rho)
+    with pytest.raises(GradcheckError, match="d/d"):
+        gradcheck(lambda l, r: F.softmax(l / _WrongSignExp.apply(r), axis=1), uniform_logits + np.arange(3.0), rho)
