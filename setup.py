@@ -136,7 +136,8 @@ setup(
     version="0.1.0",
     description="LoRA-family fine-tuning and catastrophic forgetting, from first principles in NumPy",
     packages=find_packages(include=["tinyslim", "tinyslim.*"]),
-    python_requires=">=3.9",
+    package_data={"tinyslim": ["assets/*.safetensors"]},  # the shipped pretrained base model
+    python_requires=">=3.10",
     install_requires=["numpy", "cffi>=1.15", "safetensors", "tqdm", "matplotlib"],
     extras_require={"test": ["torch==2.13.0", "pytest", "hypothesis"]},
     cffi_modules=[] if found is None else ["ext/build_cpu.py:ffibuilder"],
