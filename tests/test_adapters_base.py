@@ -260,8 +260,8 @@ def test_print_trainable_parameters_in_peft_format(capsys):
 
 
 def test_make_method_registry_and_errors():
-    assert sorted(METHODS) == ["cola", "er", "ilora", "lora"]
-    with pytest.raises(ValueError, match=r"valid names are \['cola', 'er', 'ilora', 'lora'\]"):
+    assert sorted(METHODS) == ["cola", "er", "ilora", "lora", "moe_lora", "slim"]
+    with pytest.raises(ValueError, match=r"valid names are \['cola', 'er', 'ilora', 'lora', 'moe_lora', 'slim'\]"):
         make_method("lora2")
     with pytest.raises(ValueError, match="unknown config fields \\['gama'\\]"):
         make_method("ilora", gama=0.5)
@@ -286,7 +286,7 @@ def test_every_method_honours_the_runner_contract(name):
     ids = [id(p) for p in params]
     assert params and all(p.requires_grad for p in params)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {f"{a}.{f}" for a in method.adapted for f in ("lora_A", "lora_B")}
+        {f"{a}.{f}" for a, layer in zip(method.adapted, method.layers()) for f in layer.trainable_names}
 
     tasks = tiny_tasks(0, n_tasks=2, steps=3)
     losses, opt = run_tasks(method, tasks)

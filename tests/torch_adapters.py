@@ -4,7 +4,11 @@ Written from methods.md §1, §3, §6 and §7, not from tinyslim's code: a LoRA 
 s·(x Aᵀ) Bᵀ with torch matmuls, a GPT forward that returns the residual stream after every block,
 the I-LoRA / ER / Seq-LoRA loss and training loop (torch.optim.Adam, a fresh optimizer per task,
 factor-wise interpolation of the slow copy), Algorithm R, and the COLA training loop (one set of
-exact-rank factors per link, a fresh optimizer at each knot, the linear learning-rate decay).
+exact-rank factors per link, a fresh optimizer at each knot, the linear learning-rate decay); and, from
+§2, §4, §5 and §7.3–7.5, SLIM (a dense-gate mixture after torch.topk, brute-force nearest clusters, the
+EMA statistics, masks, L1 and the Switch balance loss), MoLE / NLA / sum (torch.cat, layer_norm and
+softmax over the explicit branch outputs) and ELDER (per-sequence gates, a per-row loop over the picked
+experts, the edit loop with a fresh Adam per edit, codes and Hamming deferral).
 Everything is float64. The only things shared with tinyslim are the random numbers, which the
 tests hand over (initial factors, the reservoir and dropout generators, the re-initialisation draws).
 
@@ -248,3 +252,418 @@ def run_cola(model, layers: dict, batches, *, T, knots, ranks, scales, lr0, rest
         loss.backward()
         opt.step()
     return lrs
+
+
+# ---- shared by the mixtures ----------------------------------------------------------------------
+
+def replace_linears(model, make) -> dict:
+    """Replace the Linears named by make's keys: make = {name: fn(base nn.Linear) -> module}; {name: module}."""
+    model.requires_grad_(False)
+    out = {}
+    for name, fn in make.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = fn(getattr(parent, child))
+        setattr(parent, child, layer)
+        out[name] = layer
+    return out
+
+
+def _param(a):
+    return nn.Parameter(torch.tensor(np.asarray(a, dtype=np.float64)))
+
+
+def adam_loop(params, steps, lr, step_fn, lr_at=None):
+    """A fresh torch Adam (β 0.9/0.999, ε 1e-8, no decay) over params; step_fn(i) -> loss; returns the losses."""
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    losses = []
+    for i in range(steps):
+        if lr_at is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(i)
+        loss = step_fn(i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---- SLIM (§2) -----------------------------------------------------------------------------------
+
+class TorchSlimLinear(nn.Module):
+    """base(x) + c·Σ_{e∈S∩𝓛} w_e s m_out ⊙ B_e A_e (m_in ⊙ x), routed by top-K over ℓ (+ γd on identity experts).
+
+    `cfg` is a dict: E_L, E_I, K, s, gamma, yield_mode, logit_norm, p, rescale, eval_masks, momentum, floor,
+    cluster_init, mlp (bool). Random numbers come from the generators handed over: `mask_rng` (per step:
+    m_out (E_L, O) then m_in (E_L, D), keep where U ≥ p_r), `cluster_rng` (seeding), `eval_rng` ("sampled")."""
+
+    def __init__(self, base, params: dict, cfg: dict, mask_rng=None, cluster_rng=None, eval_rng=None):
+        super().__init__()
+        self.base, self.cfg = base, cfg
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.A, self.B = _param(params["lora_A"]), _param(params["lora_B"])  # (E_L, r, D), (E_L, O, r)
+        self.W, self.b = _param(params["router_weight"]), _param(params["router_bias"])  # (E, D), (E,)
+        if cfg["mlp"]:
+            self.W1, self.b1 = _param(params["router_fc_weight"]), _param(params["router_fc_bias"])
+            self.W2 = _param(params["router_proj_weight"])
+        self.mu = np.array(params["cluster_mu"], dtype=np.float64)
+        self.sigma = np.array(params["cluster_sigma"], dtype=np.float64)
+        self.mask_rng, self.cluster_rng, self.eval_rng = mask_rng, cluster_rng, eval_rng
+        self.m_in = self.m_out = None
+        self.token_mask = None
+        self.logit_bias = None
+        self.cache = None
+        self.bal = None
+
+    def draw_masks(self, rng=None):
+        p = self.cfg["p"]
+        if p == 0:
+            self.m_in = self.m_out = None
+            return
+        q = 1 - math.sqrt(1 - p)
+        rng = rng or self.mask_rng
+        E_L, O, D = self.B.shape[0], self.B.shape[1], self.A.shape[2]
+        self.m_out = torch.tensor((rng.random((E_L, O)) >= q).astype(np.float64))
+        self.m_in = torch.tensor((rng.random((E_L, D)) >= q).astype(np.float64))
+
+    def forward(self, x):  # x (B, T, D)
+        cfg = self.cfg
+        lead = x.shape[:-1]
+        X = x.reshape(-1, x.shape[-1])
+        N = X.shape[0]
+        real = np.ones(N, bool) if self.token_mask is None else np.asarray(self.token_mask, bool).reshape(-1)
+        Xn = X.detach().numpy()
+        if self.training and not np.any(self.sigma > 0):  # seed on the first training batch
+            R = Xn[real]
+            n, C = len(R), self.mu.shape[0]
+            std = np.maximum(R.std(axis=0), cfg["floor"])
+            if cfg["cluster_init"] == "first_batch":
+                self.mu = R[self.cluster_rng.choice(n, size=C, replace=n < C)].copy()
+            else:
+                self.mu = self.cluster_rng.normal(R.mean(axis=0), std, self.mu.shape)
+            self.sigma = np.broadcast_to(std, self.mu.shape).copy()
+        h = X
+        if cfg["mlp"]:
+            h = X + TF.gelu(X @ self.W1.T + self.b1, approximate="tanh") @ self.W2.T
+        logits = h @ self.W.T + self.b  # (N, E)
+        if cfg["logit_norm"] == "layernorm":
+            logits = TF.layer_norm(logits, (logits.shape[1],), eps=1e-5)
+        # OOD score: brute-force nearest centre, then the largest standardised deviation
+        if np.any(self.sigma > 0):
+            dist = np.array([[np.sum((xn - m) ** 2) for m in self.mu] for xn in Xn])
+            k_star = dist.argmin(axis=1)
+            d = np.array([np.max(np.abs(Xn[n] - self.mu[k]) / self.sigma[k]) - 1 for n, k in enumerate(k_star)])
+        else:
+            k_star, d = np.zeros(N, int), np.zeros(N)
+        E_L = self.A.shape[0]
+        E = logits.shape[1]
+        is_id = torch.tensor([0.0] * E_L + [1.0] * (E - E_L))
+        if cfg["yield_mode"] == "additive":
+            logits = logits + cfg["gamma"] * torch.tensor(d)[:, None] * is_id[None, :]
+        sel_logits = logits if self.logit_bias is None else logits + torch.tensor(self.logit_bias)
+        vals, idx = torch.topk(sel_logits, cfg["K"], dim=1)
+        w = torch.softmax(vals, dim=1)  # (N, K)
+        if cfg["yield_mode"] == "multiplicative":
+            damp = torch.tensor(np.exp(-cfg["gamma"] * np.maximum(d, 0)))
+            w = w * torch.where(idx < E_L, damp[:, None], torch.ones(()))
+        G = torch.zeros(N, E, dtype=torch.float64).scatter(1, idx, w)  # dense gates (N, E)
+        p = cfg["p"]
+        if self.training:
+            if p and self.m_in is None:
+                self.draw_masks()
+            m_in, m_out = self.m_in, self.m_out
+            c = 1 / (1 - p) if (p and cfg["rescale"]) else 1.0
+        elif p and cfg["eval_masks"] == "sampled":
+            self.draw_masks(self.eval_rng)
+            m_in, m_out = self.m_in, self.m_out
+            c = 1 / (1 - p) if cfg["rescale"] else 1.0
+        else:
+            m_in = m_out = None
+            c = 1.0 if (cfg["rescale"] or not p) else 1 - p
+        delta = 0
+        for e in range(E_L):
+            xe = X if m_in is None else X * m_in[e]
+            ue = (xe @ self.A[e].T) @ self.B[e].T
+            if m_out is not None:
+                ue = ue * m_out[e]
+            delta = delta + G[:, e:e + 1] * cfg["s"] * c * ue
+        if self.training:
+            self.cache = (Xn[real], k_star[real])
+            n = max(real.sum(), 1)
+            f = torch.tensor(np.bincount(idx.numpy()[real].reshape(-1), minlength=E)[:E_L] / (n * cfg["K"]))
+            P = torch.softmax(logits, dim=1)[torch.tensor(real)].sum(0) / n
+            self.bal = E_L * (f * P[:E_L]).sum()
+        return self.base(x) + delta.reshape(*lead, -1)
+
+    def update_clusters(self):
+        cache, self.cache = self.cache, None
+        m = self.cfg["momentum"]
+        if cache is None or m == 0:
+            return
+        X, k_star = cache
+        for k in range(len(self.mu)):
+            Xk = X[k_star == k]
+            if len(Xk):
+                self.mu[k] = (1 - m) * self.mu[k] + m * Xk.mean(0)
+                var = (1 - m) * self.sigma[k] ** 2 + m * ((Xk - self.mu[k]) ** 2).mean(0)
+                self.sigma[k] = np.maximum(np.sqrt(var), self.cfg["floor"])
+
+    def l1(self):
+        _, r, D = self.A.shape
+        return self.A.abs().sum() / (r * D) + self.B.abs().sum() / (self.B.shape[1] * r)
+
+    def trainables(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def slim_loss(model, layers: dict, x, y, mask, l1_coef, balance_coef, pad_id=None, draw=True):
+    """§2.5 on one batch: draw every layer's masks (model order), forward, CE + λ_L1·L1 + λ_bal·Σ L_bal."""
+    real = np.ones(np.shape(x), bool) if pad_id is None else np.asarray(x) != pad_id
+    for layer in layers.values():
+        if draw:
+            layer.draw_masks()
+        layer.token_mask = real
+    logits, _ = forward_hidden(model, x)
+    loss = masked_ce(logits, y, mask)
+    if l1_coef:
+        loss = loss + l1_coef * sum(layer.l1() for layer in layers.values())
+    if balance_coef:
+        loss = loss + balance_coef * sum(layer.bal for layer in layers.values())
+    return loss
+
+
+def run_slim(model, layers: dict, tasks, *, lr, l1_coef, balance_coef, pad_id=None):
+    """§2.6 over tasks = [[(x, y, mask), ...], ...]: a fresh Adam per task; after every step the clusters move."""
+    params = [p for layer in layers.values() for p in layer.trainables()]
+    losses = []
+    for batches in tasks:
+        def step(i, batches=batches):
+            x, y, m = batches[i]
+            return slim_loss(model, layers, x, y, m, l1_coef, balance_coef, pad_id)
+
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        for i in range(len(batches)):
+            loss = step(i)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            for layer in layers.values():
+                layer.update_clusters()
+    return losses
+
+
+# ---- MoLE (§4) and NLA / sum (§7.4) ----------------------------------------------------------------
+
+class TorchMoleLinear(nn.Module):
+    """base(x) + Σ_i G'_i u_i with u_i = s_i B_i A_i x and G = softmax(eᵀ LN([u_1; …]) / exp(ρ)).
+
+    sources: [(A_i, B_i)] (ranks may differ), scales s_i. e / rho None: a constant gate `weights` (NLA, sum).
+    share: a dict shared by the adapted linears of one block in the "layer" variant (the first writes G).
+    pool="sequence": LN(U) is averaged over each sequence's real tokens (`token_mask`)."""
+
+    def __init__(self, base, sources, scales, e=None, rho=None, weights=None, pool="token", share=None,
+                 owner=True, keep=None):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.As = [torch.tensor(np.asarray(A, np.float64)) for A, _ in sources]
+        self.Bs = [torch.tensor(np.asarray(B, np.float64)) for _, B in sources]
+        self.s = list(scales)
+        self.e = None if e is None else _param(e)
+        self.rho = None if rho is None else _param(np.reshape(rho, (1,)))
+        self.weights, self.pool, self.share, self.owner, self.keep = weights, pool, share, owner, keep
+        self.token_mask = None
+        self.G = None
+
+    def forward(self, x):  # x (B, T, D)
+        Bsz, T, _ = x.shape
+        X = x.reshape(-1, x.shape[-1])
+        u = [s * (X @ A.T) @ B.T for A, B, s in zip(self.As, self.Bs, self.s)]  # E × (N, O)
+        E = len(u)
+        if self.weights is not None:
+            G = torch.tensor(np.asarray(self.weights, np.float64)).expand(X.shape[0], E)
+        elif self.owner:
+            U = torch.cat(u, dim=1)  # (N, E·O)
+            U = TF.layer_norm(U, (U.shape[1],), eps=1e-5)
+            if self.pool == "sequence":
+                real = torch.ones(Bsz, T, dtype=torch.float64) if self.token_mask is None else \
+                    torch.tensor(np.asarray(self.token_mask, np.float64))
+                w = real / real.sum(1, keepdim=True).clamp(min=1)
+                U = torch.einsum("bt,btc->bc", w, U.reshape(Bsz, T, -1))
+            G = torch.softmax((U @ self.e) / torch.exp(self.rho), dim=1)
+            if self.pool == "sequence":
+                G = G.repeat_interleave(T, dim=0)
+            self.G = G
+            if self.share is not None:
+                self.share["G"] = G
+        else:
+            G = self.share["G"]
+        if self.keep is not None:
+            m = torch.zeros(E, dtype=torch.float64)
+            m[list(self.keep)] = 1
+            G = G * m
+            G = G / G.sum(1, keepdim=True)
+        delta = sum(G[:, i:i + 1] * u[i] for i in range(E))
+        return self.base(x) + delta.reshape(Bsz, T, -1)
+
+
+def mole_balance(gates, real):
+    """−Σ_i log q_i, q = the mean gate over every gate and every real token."""
+    w = torch.tensor(np.asarray(real, np.float64).reshape(-1))[:, None]
+    q = sum((G * w).sum(0) for G in gates) / (len(gates) * w.sum())
+    return -torch.log(q).sum()
+
+
+# ---- ELDER (§5) and FT-LoRA (§7.5) -----------------------------------------------------------------
+
+class TorchElderLinear(nn.Module):
+    """base(x) + z·Σ_{e∈S} g_e s B_e A_e x per sequence, g = raw softmax(W_g q + b_g) on the top-k S.
+
+    `ctx` (a dict shared by the model's layers) holds q (B, d_q) and z (B,) and, while editing, the preset
+    {layer name: (B, k)}, "editing", "hard". The routing layer writes q from its input at ctx["key_pos"]."""
+
+    def __init__(self, base, name, params, k, scale, ctx, renormalize=False, routing_layer=False):
+        super().__init__()
+        self.base, self.name, self.k, self.s, self.ctx = base, name, k, scale, ctx
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.A, self.B = _param(params["lora_A"]), _param(params["lora_B"])
+        self.W = _param(params["router_weight"])
+        self.b = _param(params["router_bias"]) if "router_bias" in params else None
+        self.renormalize, self.routing_layer = renormalize, routing_layer
+        self.guide = None
+
+    def logits(self, q):
+        out = q @ self.W.T
+        return out if self.b is None else out + self.b
+
+    def forward(self, x):  # x (B, T, D)
+        ctx = self.ctx
+        Bsz, T, _ = x.shape
+        if self.routing_layer:
+            capture_query(ctx, x)
+        q, z = ctx["q"], ctx["z"]
+        lg = self.logits(q)
+        p = torch.softmax(lg, dim=1)  # (B, E)
+        if ctx["editing"] and ctx["hard"]:
+            S = torch.as_tensor(ctx["preset"][self.name])
+        else:
+            S = torch.topk(lg.detach(), self.k, dim=1).indices
+        g = torch.gather(p, 1, S)
+        if self.renormalize:
+            g = g / g.sum(1, keepdim=True)
+        if ctx["editing"]:
+            T_pre = torch.as_tensor(ctx["preset"][self.name])
+            self.guide = -torch.gather(torch.log_softmax(lg, dim=1), 1, T_pre).sum() / Bsz
+        out = []
+        for b in range(Bsz):
+            yb = torch.zeros(T, self.B.shape[1], dtype=torch.float64)
+            if z[b]:
+                for j in range(S.shape[1]):
+                    e = int(S[b, j])
+                    yb = yb + g[b, j] * self.s * (x[b] @ self.A[e].T) @ self.B[e].T
+            out.append(yb)
+        return self.base(x) + torch.stack(out)
+
+
+class TorchQueryTap(nn.Module):
+    def __init__(self, base, ctx):
+        super().__init__()
+        self.base, self.ctx = base, ctx
+
+    def forward(self, x):
+        capture_query(self.ctx, x)
+        return self.base(x)
+
+
+def capture_query(ctx, x):
+    """q = x at the key positions (detached); z = 1 while editing, else Hamming deferral on the stored codes."""
+    Bsz, T, _ = x.shape
+    pos = ctx.get("key_pos")
+    pos = np.full(Bsz, T - 1) if pos is None else np.asarray(pos)
+    ctx["q"] = x.detach()[torch.arange(Bsz), torch.as_tensor(pos)]
+    if ctx["editing"] or not ctx["deferral"]:
+        ctx["z"] = np.ones(Bsz, bool)
+        return
+    if not ctx["table"]:
+        ctx["z"] = np.zeros(Bsz, bool)
+        return
+    codes = elder_codes(ctx["layers"], ctx["q"], ctx["k"])  # (B, L_a·E)
+    table = np.stack(ctx["table"])  # (n, L_a·E)
+    ham = np.abs(codes[:, None, :] - table[None, :, :]).sum(-1).min(1)
+    ctx["z"] = ham < ctx["theta"]
+
+
+def elder_codes(layers, q, k):
+    """concat over layers of the k-hot top-k of the router logits: (B, L_a·E)."""
+    blocks = []
+    with torch.no_grad():
+        for layer in layers:
+            S = torch.topk(layer.logits(q), k, dim=1).indices.numpy()
+            c = np.zeros((q.shape[0], layer.W.shape[0]))
+            for b in range(q.shape[0]):
+                c[b, S[b]] = 1
+            blocks.append(c)
+    return np.concatenate(blocks, axis=1)
+
+
+def run_elder(model, layers: list, ctx, edits, *, n_iter, lr, guide_coef, preset, key_pos_fn, step_schedule=False,
+              hash_rng=None):
+    """§5.5: for each edit (x, y, mask): the preset from the routers before the edit ("init") or from
+    `hash_rng` ("hashed": per layer, a sorted k-subset), a fresh Adam, n_iter steps of CE + λ_g Σ L_g,
+    then store c(q). Returns the losses of every step."""
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    losses = []
+    for x, y, mask in edits:
+        ctx["key_pos"] = key_pos_fn(x, mask)
+        ctx["editing"] = True
+        with torch.no_grad():  # the query only (a base-model quantity)
+            capture_query(ctx, _routing_input(model, ctx, x))
+        q = ctx["q"]
+        if preset == "init":
+            with torch.no_grad():
+                ctx["preset"] = {l.name: torch.topk(l.logits(q), l.k, dim=1).indices.numpy() for l in layers}
+        else:  # edit by edit (row by row), layer by layer
+            draws = [[np.sort(hash_rng.choice(l.W.shape[0], l.k, replace=False)) for l in layers] for _ in range(len(q))]
+            ctx["preset"] = {l.name: np.stack([row[i] for row in draws]) for i, l in enumerate(layers)}
+
+        def step(i, x=x, y=y, mask=mask):
+            logits, _ = forward_hidden(model, x)
+            loss = masked_ce(logits, y, mask)
+            if guide_coef:
+                loss = loss + guide_coef * sum(l.guide for l in layers)
+            return loss
+
+        losses += adam_loop(params, n_iter, lr, step, (lambda i: lr * 0.5 ** (i // 20)) if step_schedule else None)
+        ctx["editing"] = False
+        for row in elder_codes(layers, q, ctx["k"]):
+            ctx["table"].append(row)
+        ctx["key_pos"] = None
+    return losses
+
+
+def _routing_input(model, ctx, x):
+    """The routing layer's input for token ids x: run the model with a hook that stops at it."""
+    holder = {}
+    target = ctx["routing_module"]
+
+    def hook(module, inputs):
+        holder["x"] = inputs[0]
+        raise _Stop
+
+    handle = target.register_forward_pre_hook(hook)
+    try:
+        forward_hidden(model, x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return holder["x"]
+
+
+class _Stop(Exception):
+    pass

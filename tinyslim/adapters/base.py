@@ -34,7 +34,7 @@ from ..nn import GPT, Linear, Module
 __all__ = ["stream", "Streams", "AdaptedLinear", "adapted_layers", "inject", "mark_only_adapters_trainable",
            "adapter_state_dict", "load_adapter_state_dict", "merge", "unmerge", "merge_and_unload",
            "disable_adapters", "enable_adapters", "trainable_parameter_counts", "print_trainable_parameters",
-           "Method"]
+           "Method", "token_context"]
 
 
 # ---- RNG streams ---------------------------------------------------------------------------------
@@ -231,8 +231,25 @@ def load_adapter_state_dict(model: Module, state: dict) -> None:
 
 # ---- merge / unmerge / unload --------------------------------------------------------------------
 
+def refuse_tied_merge(model: Module, layers=None) -> None:
+    """Merging writes ΔW into W0; when W0 is tied to another parameter (GPT's lm_head is transformer.wte's
+    weight) that would silently change the other one too, so it is refused."""
+    holders: dict = {}
+    for _, module in model.named_modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor):
+                holders[id(value)] = holders.get(id(value), 0) + 1
+    tied = [name for name, layer in (adapted_layers(model) if layers is None else layers)
+            if holders.get(id(layer.base_layer.weight), 0) > 1]
+    if tied:
+        raise RuntimeError(f"cannot merge {tied}: the wrapped weight is tied to another parameter (lm_head shares "
+                           "transformer.wte.weight), so W0 + ΔW would change that one too. Keep this adapter "
+                           "unmerged, or target other modules")
+
+
 def merge(model: Module) -> Module:
     """Merge every adapted layer: W0 ← W0 + ΔW."""
+    refuse_tied_merge(model)
     for _, layer in adapted_layers(model):
         layer.merge()
     return model
@@ -248,6 +265,7 @@ def unmerge(model: Module) -> Module:
 def merge_and_unload(model: GPT) -> GPT:
     """Merge every adapter and put the plain Linears back (in place, as PEFT): a dense GPT with the
     original parameter names whose Linears hold W0 + ΔW. Returns the same model object."""
+    refuse_tied_merge(model, [(n, layer) for n, layer in adapted_layers(model) if not layer.merged])
     for name, layer in adapted_layers(model):
         if not layer.merged:
             layer.merge()
@@ -427,3 +445,20 @@ class Method:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"
+
+
+@contextlib.contextmanager
+def token_context(layers, **values):
+    """Set attributes on every layer for the forward passes inside the block, then put None back.
+
+    Per-batch facts an adapted layer cannot see in its (N, D) input, e.g. ``token_mask`` (B, T), the
+    real (non-pad) tokens, for statistics and balance losses that must leave padding out (methods.md §0)."""
+    for layer in layers:
+        for key, value in values.items():
+            setattr(layer, key, value)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            for key in values:
+                setattr(layer, key, None)

@@ -1,0 +1,375 @@
+"""ELDER — lifelong editing with a mixture of LoRAs (Li et al., arXiv 2408.11869), methods.md §5.
+
+Shape legend: B sequences, T time, N = B·T tokens, D in, O out, r rank, E experts per layer, k top-k,
+L_a adapted layers, d_q query width.
+
+A fixed pool of E LoRAs per adapted layer, shared by all edits, mixed per *sequence*:
+
+    q        the hidden state entering the routing layer at the last prompt token (detached; the routing
+             layer is not after the first adapted layer, so q depends on the base model only)
+    p^l      = softmax(W_g^l q + b_g^l)                                ∈ ℝ^E   per sequence
+    S^l      = TopK(p^l, k);   g^l_e = p^l_e on S^l, else 0            raw probabilities, Σ_e g^l_e < 1
+    y_t      = W0 x_t + b0 + z · Σ_{e∈S^l} g^l_e · s · B_e^l A_e^l x_t for every token t of the sequence
+
+The gate is broadcast to the sequence's tokens and the mixture is one kernel call in the top-k form;
+a sequence with z = 0 gets empty slots (−1), so its rows skip the branch and equal the base bit for bit.
+Router gradient (autograd, through the gather and the softmax): dp_e = z·Σ_t dG[t, e] on S^l; no
+gradient reaches q.
+
+Losses while editing (T_b^l: the preset allocation, a k-subset per edit and layer):
+
+    L_edit = CE over the target tokens          L_g^l = −(1/B) Σ_b Σ_{j∈T_b^l} log p^l_{b,j}
+    L      = L_edit + λ_g · Σ_l L_g^l           λ_g = 1
+    preset "init":   T^l = TopK(p^l(q_edit), k) at the edit's first iteration, then frozen
+    preset "hashed": a fixed pseudo-random k-subset per (edit, layer) from the `hash` stream
+    routing "soft":  the router's own top-k routes; "hard": routing is forced to T while editing
+
+Deferral (evaluation; z = 1 while an edit trains):
+
+    c(q) = concat_l khot( TopK(W_g^l q + b_g^l, k) )        ∈ {0,1}^{L_a·E}, k ones per layer block
+    z(x) = 1[ min_t Hamming(c(q(x)), c_t) < θ ]             z = 0 when no edit is stored;  θ = k·L_a/2
+    after an edit's last step: c_t = c(q_t) with the current routers, appended, never refreshed
+
+Top-k is taken on the router logits (the same order as on p, without rounding ties), ties to the lower
+index. The code table lives in the layers (``edit_codes``, one k-hot row per stored edit, a fixed
+capacity ``max_edits``), so ``adapter_state_dict`` saves it with the experts.
+
+    from tinyslim.adapters import Elder
+    elder = Elder(n_experts=8, top_k=2)
+    elder.attach(base_copy, seed=0)
+    for x, y, mask in edit_stream:          # one (prompt, target) per edit: mask marks the target tokens
+        elder.edit(x, y, mask)              # reset Adam, n_iter steps of L, store the edit's code
+    with elder.evaluating(), elder.keys(key_pos):   # key_pos (B,): each row's last prompt token
+        logits, _ = elder.model(x)                  # deferred rows are the base model exactly
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import functional as F
+from ..autograd import Tensor, no_grad
+from ..lowrank import mixture_lowrank
+from ..nn import Linear, Parameter
+from .base import AdaptedLinear, Streams
+from .ft_lora import LR_SCHEDULES, EditingMethod
+
+__all__ = ["ElderConfig", "ElderLinear", "QueryTap", "ElderRouting", "Elder", "key_positions"]
+
+
+@dataclass
+class ElderConfig:
+    """ELDER (methods.md §5.7)."""
+
+    n_experts: int = 8  # E per adapted layer
+    top_k: int = 2  # k
+    r: int = 4
+    lora_alpha: float = 4  # s = α/r = 1
+    target_modules: list | str | None = None  # None: mlp.c_fc of the last 2 blocks (L_a = 2)
+    routing_layer: str | None = None  # a Linear whose input gives q; None: the first adapted layer
+    key_pos: str = "last_prompt"  # or "last" (the last real token)
+    gate_bias: bool = True
+    renormalize_gates: bool = False  # True: g renormalised over the top-k
+    guide_coef: float = 1.0  # λ_g
+    preset: str = "init"  # or "hashed"
+    routing: str = "soft"  # or "hard" (forced to the preset while editing)
+    n_iter: int = 30  # optimisation steps per edit
+    lr: float = 1e-2  # Adam, reset per edit
+    lr_schedule: str = "constant"  # or "step" (×0.5 every 20 iterations)
+    theta: float | None = None  # deferral threshold; None: k·L_a/2
+    deferral: bool = True  # False: z ≡ 1 (never deferred; the reduction to FT-LoRA)
+    max_edits: int = 1024  # capacity of the code table
+    pad_token_id: int | None = None  # for key_pos="last" and rows without targets: the last non-pad token
+
+    def __post_init__(self):
+        choices = dict(key_pos=("last_prompt", "last"), preset=("init", "hashed"), routing=("soft", "hard"),
+                       lr_schedule=LR_SCHEDULES)
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ElderConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("n_experts", "top_k", "r", "n_iter", "max_edits"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ElderConfig.{key} must be a positive integer, got {value!r}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"ElderConfig.top_k = {self.top_k} exceeds n_experts = {self.n_experts}")
+        if self.theta is not None and not self.theta > 0:
+            raise ValueError(f"ElderConfig.theta must be > 0 (or None for k·L_a/2), got {self.theta}")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+    def make_layer(self, base_layer: Linear, streams: Streams) -> "ElderLinear":
+        return ElderLinear(base_layer, self, streams)
+
+
+class ElderLinear(AdaptedLinear):
+    """A frozen Linear plus a per-sequence top-k mixture of E LoRAs, routed from the shared query q."""
+
+    adapter_names = ("lora_A", "lora_B", "router_weight", "router_bias", "edit_codes")
+    trainable_names = ("lora_A", "lora_B", "router_weight", "router_bias")
+
+    def __init__(self, base_layer: Linear, config: ElderConfig, streams: Streams):
+        super().__init__(base_layer)
+        D, O, dtype = self.in_features, self.out_features, base_layer.weight.dtype
+        E, r = config.n_experts, config.r
+        self.config, self.E, self.scale = config, E, float(config.scale)
+        bound = 1.0 / math.sqrt(D)
+        self.lora_A = Parameter(streams["init"].uniform(-bound, bound, (E, r, D)).astype(dtype))  # (E, r, D)
+        self.lora_B = Parameter(np.zeros((E, O, r), dtype=dtype))  # (E, O, r)
+        # W_g (E, d_q), b_g (E,): placeholders until init_router (at attach, once the routing layer's d_q is known)
+        self.router_weight = Parameter(np.zeros((E, D), dtype=dtype))
+        self.router_bias = Parameter(np.zeros(E, dtype=dtype)) if config.gate_bias else None
+        self.edit_codes = Parameter(np.zeros((config.max_edits, E), dtype=dtype), requires_grad=False)  # k-hot rows
+        if not config.gate_bias:
+            self.adapter_names = tuple(n for n in self.adapter_names if n != "router_bias")
+            self.trainable_names = tuple(n for n in self.trainable_names if n != "router_bias")
+        self.routing = None  # the ElderRouting shared by the model's layers
+        self.is_routing_layer = False
+        self.guide_loss = None  # L_g of the last editing forward
+
+    def init_router(self, d_q: int, rng: np.random.Generator) -> None:
+        """W_g, b_g ~ U(±1/√d_q), like a torch Linear (the `router` stream, layer after layer)."""
+        bound, dtype = 1.0 / math.sqrt(d_q), self.lora_A.dtype
+        self.router_weight = Parameter(rng.uniform(-bound, bound, (self.E, d_q)).astype(dtype))
+        if self.config.gate_bias:
+            self.router_bias = Parameter(rng.uniform(-bound, bound, self.E).astype(dtype))
+
+    def router_logits(self, q) -> Tensor:  # q (B, d_q), a constant -> W_g q + b_g (B, E)
+        return F.linear(q, self.router_weight, self.router_bias)
+
+    def forward(self, x):  # x (B, T, D)
+        if self.is_routing_layer:
+            self.routing.capture(x)
+        return super().forward(x)
+
+    def adapter_delta(self, x: Tensor) -> Tensor:  # x (N, D), N = B·T -> Δ (N, O)
+        cfg, ctx = self.config, self.routing
+        q, z = ctx.q, ctx.z  # (B, d_q), (B,)
+        B = q.shape[0]
+        if x.shape[0] % B:
+            raise RuntimeError(f"the routing query is for {B} sequences but this layer got {x.shape[0]} tokens: "
+                               "the routing layer must run before every adapted layer in the same forward")
+        T = x.shape[0] // B
+        logits = self.router_logits(q)  # (B, E)
+        p = F.softmax(logits, axis=-1)  # p^l
+        if ctx.editing and cfg.routing == "hard":
+            S = ctx.preset[self]  # routing forced to the preset allocation T^l
+        else:
+            S = top_k(logits.data, cfg.top_k)  # S^l (B, k)
+        g = F.gather(p, S, axis=1)  # raw probabilities on S (B, k)
+        if cfg.renormalize_gates:
+            g = g / g.sum(axis=1, keepdims=True)
+        if ctx.editing and cfg.guide_coef:
+            self.guide_loss = -F.gather(F.log_softmax(logits, axis=-1), ctx.preset[self], axis=1).sum() / float(B)
+        seq = np.repeat(np.arange(B), T)  # the sequence of every token
+        idx = np.where(z[seq, None], S[seq], -1).astype(np.int32)  # z = 0: empty slots, the branch is skipped
+        return mixture_lowrank(x, self.lora_A, self.lora_B, (idx, g[seq]), scale=self.scale)
+
+    def delta_weight(self):
+        raise NotImplementedError("ELDER cannot be merged into W0: its routing and deferral depend on the input")
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, E={self.E}, k={self.config.top_k}, r={self.config.r}, scale={self.scale:g}"
+
+
+class QueryTap(AdaptedLinear):
+    """The routing layer when it is not adapted itself: records its input for q and adds nothing."""
+
+    def forward(self, x):  # x (B, T, D)
+        self.routing.capture(x)
+        return self.base_layer(x)
+
+    def delta_weight(self) -> np.ndarray:
+        return np.zeros_like(self.base_layer.weight.data)
+
+
+def top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries per row, ties to the lower index: (B, k) int."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def key_positions(x, mask=None, mode: str = "last_prompt", pad_token_id=None) -> np.ndarray:
+    """(B,) the key token of every row: "last_prompt" = the position predicting the first target token
+    (the first mask ≠ 0); "last" (or a row without targets) = the last real token."""
+    x = np.asarray(x)
+    B, T = x.shape
+    last = np.full(B, T - 1) if pad_token_id is None else \
+        np.where((x != pad_token_id).any(axis=1), T - 1 - np.argmax((x != pad_token_id)[:, ::-1], axis=1), 0)
+    if mode == "last" or mask is None:
+        return last
+    has_target = np.asarray(mask).reshape(B, T) != 0
+    return np.where(has_target.any(axis=1), np.argmax(has_target, axis=1), last)
+
+
+class ElderRouting:
+    """What the adapted layers share during one forward pass: the query q (B, d_q), the deferral flags
+    z (B,), and, while editing, the preset allocations {layer: (B, k)}."""
+
+    def __init__(self, method: "Elder"):
+        self.method = method
+        self.key_pos = None  # (B,) key positions for the next forward passes (None: the last token)
+        self.editing = False
+        self.q = self.z = None
+        self.preset = {}
+
+    def capture(self, x) -> None:  # x (B, T, d_q): the routing layer's input
+        data = x.data if isinstance(x, Tensor) else np.asarray(x)
+        if data.ndim != 3:
+            raise ValueError(f"the routing layer expects (B, T, D) inputs, got shape {data.shape}")
+        B, T, _ = data.shape
+        pos = np.full(B, T - 1) if self.key_pos is None else np.asarray(self.key_pos)
+        if pos.shape != (B,) or pos.min() < 0 or pos.max() >= T:
+            raise ValueError(f"key positions {pos.tolist()} do not fit a batch of {B} rows of length {T}")
+        self.q = data[np.arange(B), pos].copy()  # detached
+        m = self.method
+        if self.editing:
+            self.z = np.ones(B, dtype=bool)  # z = 1 while an edit trains
+            self.preset = m.presets_for(self.q)
+        elif not m.config.deferral:
+            self.z = np.ones(B, dtype=bool)
+        else:
+            self.z = m.min_hamming(self.q) < m.theta
+
+
+class Elder(EditingMethod):
+    """ELDER: a fixed pool of routed LoRAs per layer, the guided loss, and deferral by code distance."""
+
+    name = "elder"
+    config_class = ElderConfig
+
+    def after_attach(self, model) -> None:
+        """The routing layer (a QueryTap when it is not adapted), the routers, the shared routing state."""
+        layers = self.layers()
+        routing_name = self.config.routing_layer or self.adapted[0]
+        order = [name for name, _ in model.named_modules()]  # model order = forward order in a GPT block
+        linears = [n for n in order if isinstance(model.get_submodule(n), (Linear, ElderLinear))
+                   and not n.endswith("base_layer")]
+        if routing_name not in linears:
+            raise ValueError(f"routing_layer {routing_name!r} is not a Linear of the model; the Linears are {linears}")
+        if order.index(routing_name) > order.index(self.adapted[0]):
+            raise ValueError(f"routing_layer {routing_name!r} comes after the first adapted layer {self.adapted[0]!r}; "
+                             "q must depend on the base model only")
+        self.routing = ElderRouting(self)
+        if routing_name in self.adapted:
+            router_layer = model.get_submodule(routing_name)
+            router_layer.is_routing_layer = True
+        else:
+            parent, _, child = routing_name.rpartition(".")
+            router_layer = QueryTap(getattr(model.get_submodule(parent), child))
+            router_layer.routing = self.routing
+            setattr(model.get_submodule(parent), child, router_layer)
+        d_q = router_layer.in_features
+        for layer in layers:
+            layer.init_router(d_q, self.streams["router"])
+            layer.routing = self.routing
+        self._edit_queries = {}  # the queries trained on since before_task: bytes → q (d_q,)
+        self._presets = {}  # bytes → [T^l (k,) for every layer]
+        self._queries_seen = 0  # edit ids for the hashed preset
+
+    def layers(self) -> list:
+        return [layer for layer in super().layers() if isinstance(layer, ElderLinear)]
+
+    @property
+    def theta(self) -> float:
+        cfg = self.config
+        return cfg.theta if cfg.theta is not None else cfg.top_k * len(self.layers()) / 2
+
+    # ---- training ------------------------------------------------------------------------------------
+    def before_task(self, task_id: int, steps: int, optimizer) -> None:
+        super().before_task(task_id, steps, optimizer)  # reset Adam
+        self._edit_queries, self._presets = {}, {}
+
+    def loss(self, x, y, mask, rng=None):
+        self._check_attached()
+        cfg = self.config
+        self.routing.key_pos = key_positions(x, mask, cfg.key_pos, cfg.pad_token_id)
+        self.routing.editing = True
+        try:
+            _, loss = self.model(x, y, loss_mask=mask, rng=rng)  # L_edit (z = 1)
+        finally:
+            self.routing.editing, self.routing.key_pos = False, None
+        if cfg.guide_coef:
+            loss = loss + cfg.guide_coef * sum(layer.guide_loss for layer in self.layers())
+        return loss
+
+    def presets_for(self, q: np.ndarray) -> dict:
+        """{layer: T^l (B, k)} for the rows of q, fixed at each query's first iteration of the current edit."""
+        cfg, layers = self.config, self.layers()
+        for row in q:
+            key = row.tobytes()
+            if key in self._presets:
+                continue
+            self._edit_queries[key] = row.copy()
+            if cfg.preset == "init":  # TopK(p^l(q_edit), k) with the routers as they are before this edit's updates
+                with no_grad():
+                    self._presets[key] = [top_k(layer.router_logits(row[None]).data, cfg.top_k)[0] for layer in layers]
+            else:  # "hashed": a fixed pseudo-random k-subset per (edit id, layer)
+                rng = self.streams["hash"]
+                self._presets[key] = [np.sort(rng.choice(cfg.n_experts, cfg.top_k, replace=False)) for _ in layers]
+                self._queries_seen += 1
+        return {layer: np.stack([self._presets[row.tobytes()][l] for row in q]) for l, layer in enumerate(layers)}
+
+    def after_task(self, task_id: int) -> None:
+        """Store c(q_t) of every distinct query trained on in this edit, with the routers as they are now."""
+        if self._edit_queries:
+            self.store_codes(np.stack(list(self._edit_queries.values())))
+        self._edit_queries, self._presets = {}, {}
+
+    # ---- codes and deferral ----------------------------------------------------------------------------
+    def codes(self, q: np.ndarray) -> list:
+        """c(q) per adapted layer: [(B, E) k-hot of TopK(W_g^l q + b_g^l, k)]."""
+        out = []
+        for layer in self.layers():
+            with no_grad():
+                S = top_k(layer.router_logits(q).data, self.config.top_k)
+            c = np.zeros((len(q), layer.E), dtype=layer.edit_codes.dtype)
+            np.put_along_axis(c, S, 1, axis=1)
+            out.append(c)
+        return out
+
+    @property
+    def n_edits(self) -> int:
+        """Number of stored codes (rows of the code table in use)."""
+        return int(np.count_nonzero(self.layers()[0].edit_codes.data.any(axis=1)))
+
+    def store_codes(self, q: np.ndarray) -> None:
+        n, layers = self.n_edits, self.layers()
+        if n + len(q) > self.config.max_edits:
+            raise RuntimeError(f"the code table is full ({self.config.max_edits} edits); raise ElderConfig.max_edits")
+        for layer, c in zip(layers, self.codes(q)):
+            layer.edit_codes.data[n:n + len(q)] = c
+
+    def min_hamming(self, q: np.ndarray) -> np.ndarray:
+        """(B,) min_t Hamming(c(q), c_t) over the stored codes (inf when none is stored)."""
+        n = self.n_edits
+        if n == 0:
+            return np.full(len(q), np.inf)
+        dist = 0.0
+        for layer, c in zip(self.layers(), self.codes(q)):
+            table = layer.edit_codes.data[:n]  # (n, E)
+            dist = dist + c.sum(axis=1)[:, None] + table.sum(axis=1)[None, :] - 2 * c @ table.T  # |c − c_t|₁
+        return np.rint(dist).min(axis=1)
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def keys(self, key_pos):
+        """Route the forward passes inside the block from the tokens at key_pos (B,) (None: the last token)."""
+        previous, self.routing.key_pos = self.routing.key_pos, (None if key_pos is None else np.asarray(key_pos))
+        try:
+            yield self.model
+        finally:
+            self.routing.key_pos = previous
+
+    def route(self, x, key_pos=None) -> dict:
+        """One evaluation forward of x (B, T): {"logits", "z" (B,), "min_hamming" (B,)}."""
+        with self.evaluating(), self.keys(key_pos):
+            logits, _ = self.model(x)
+            q = self.routing.q
+        return {"logits": logits.data, "z": self.routing.z.copy(), "min_hamming": self.min_hamming(q)}
