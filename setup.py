@@ -139,7 +139,7 @@ setup(
     package_data={"tinyslim": ["assets/*.safetensors"]},  # the shipped pretrained base model
     python_requires=">=3.10",
     install_requires=["numpy", "cffi>=1.15", "safetensors", "tqdm", "matplotlib"],
-    extras_require={"test": ["torch==2.13.0", "pytest", "hypothesis"]},
+    extras_require={"test": ["torch==2.13.0", "pytest", "hypothesis", "transformers==5.23.0", "peft==0.21.2"]},
     cffi_modules=[] if found is None else ["ext/build_cpu.py:ffibuilder"],
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tinyslim {info, pretrain, sample, demo, bench}``.
+"""Command line: ``python -m tinyslim {info, pretrain, sample, demo, run, bench, export, import}``.
 
 Each sub-command is a small function; argparse reports unknown options and bad values with the
 list of valid choices.
@@ -134,6 +134,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """`run continual`: every method through the task sequence; prints the table, writes the JSON."""
+    import json
+
+    from .experiments.continual import ContinualConfig, format_results, method_overrides, run_methods
+    from .io import atomic_write_bytes
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    name = args.name or (f"continual-seed{args.seed}" if args.seeds == 1 else
+                         f"continual-seeds{seeds[0]}-{seeds[-1]}")
+    out_dir = Path(args.runs_dir) / name
+    if out_dir.exists() and not args.overwrite:
+        print(f"error: the run directory {out_dir} exists; choose another --name or pass --overwrite",
+              file=sys.stderr)
+        return 2
+    try:
+        fields = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
+                                        n_train=args.n_train, n_test=args.n_test,
+                                        eval_batches=args.eval_batches).items() if v is not None}
+        if args.rank is not None:
+            fields["lora_alpha"] = 2.0 * args.rank  # keep the scale s = α/r = 2
+        if args.tasks:
+            fields["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.no_fact_recall:
+            fields["fact_recall"] = False
+        config = ContinualConfig(**fields)
+        overrides = method_overrides(args.method_args, methods)
+        model, source = base_model(progress=not args.quiet)
+        doc = run_methods(methods, config, seeds, model, overrides, progress=not args.quiet)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    doc["base_source"] = source
+    doc["cli_args"] = {k: v for k, v in vars(args).items() if k != "fn"}
+    table = format_results(doc["summary"], list(config.tasks), doc["base_general"])
+    doc["table"] = table
+    print(table)
+    path = out_dir / "continual.json"
+    atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A tinyslim checkpoint (default: the base model) → a Hugging Face GPT-2 directory."""
+    from .hf import save_hf_gpt2
+    from .io import CheckpointError
+    try:
+        model, source = _load_for_sampling(args.checkpoint)
+        save_hf_gpt2(model, args.out)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{source} written in GPT-2's layout to {args.out} (GPT2LMHeadModel.from_pretrained reads it)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """A GPT-2-layout directory (+ optionally a PEFT LoRA adapter, merged in) → a tinyslim checkpoint."""
+    from .hf import load_hf_gpt2, load_peft_adapter, merged_model
+    from .io import CheckpointError, save_model
+    try:
+        model = load_hf_gpt2(args.directory)
+        if args.peft_adapter:
+            load_peft_adapter(model, args.peft_adapter)
+            model = merged_model(model)
+        save_model(model, args.out, extra={"imported_from": str(args.directory),
+                                           "peft_adapter": args.peft_adapter})
+    except (CheckpointError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    c = model.config
+    print(f"imported a GPT ({c.n_layer} layers, {c.n_embd} channels, vocabulary {c.vocab_size}, "
+          f"{model.num_parameters():,} parameters){' with the adapter merged in' if args.peft_adapter else ''}; "
+          f"written to {args.out}")
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     """`bench train-step …` / `bench kernels …`: forwards the remaining options to the benchmark script."""
     import importlib.util
@@ -148,6 +227,7 @@ def _bench(argv: list[str]) -> int:
         return 2
     spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(module)
     return module.main(argv[1:]) or 0
 
@@ -155,7 +235,7 @@ def _bench(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinyslim",
                                      description="tinyslim: LoRA-family fine-tuning and forgetting, from first principles.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,run,bench,export,import}")
     sub.required = True
 
     sub.add_parser("info", help="versions, compiled backends and why any is missing").set_defaults(fn=cmd_info)
@@ -189,6 +269,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: base model, then (later) every method in three worlds")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A)")
+    p.add_argument("scenario", choices=["continual"])
+    p.add_argument("--methods", default="lora,er,ilora,cola", help="comma-separated method names")
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …); mean ± std over them")
+    p.add_argument("--tasks", default=None, help="comma-separated task tags in training order "
+                   "(default rot,srt,rev,cap,sft; also bck, dup, add)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default 800)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rank", type=int, default=None,
+                   help="LoRA rank of every method (α = 2·rank, so the scale stays 2)")
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--eval-batches", type=int, default=None, help="held-out pydoc batches for general capability")
+    p.add_argument("--no-fact-recall", action="store_true", help="skip the held-out fact recall measurement")
+    p.add_argument("--method-args", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
+                   help="config overrides, e.g. ilora.ema_lambda=0.999 (repeatable, or comma-separated)")
+    p.add_argument("--name", default=None, help="run directory name under --runs-dir (default continual-seed<N>)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("export", help="write a checkpoint in Hugging Face's GPT-2 layout (config.json + safetensors)")
+    p.add_argument("--checkpoint", default=None, help="a tinyslim model checkpoint (default: the base model)")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="read a GPT-2-layout directory (and a PEFT LoRA adapter) into a checkpoint")
+    p.add_argument("directory", help="config.json + model.safetensors of a GPT-2")
+    p.add_argument("--peft-adapter", default=None, help="a PEFT LoRA adapter directory, merged into the weights")
+    p.add_argument("--out", required=True, help="the tinyslim checkpoint to write")
+    p.set_defaults(fn=cmd_import)
 
     sub.add_parser("bench", help="benchmarks: `bench train-step` or `bench kernels` (options follow)",
                    add_help=False)

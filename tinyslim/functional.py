@@ -634,6 +634,8 @@ def cross_entropy(logits, targets, mask=None, ignore_index: int = -1):
         mask = np.asarray(mask.data if isinstance(mask, Tensor) else mask)
         if mask.shape != targets.shape:
             raise ValueError(f"cross_entropy: mask has shape {mask.shape}, expected the targets' shape {targets.shape}")
+        if mask.dtype.kind in "fc" and not np.all(np.isfinite(mask)):
+            raise ValueError("cross_entropy: mask holds NaN or inf; it must be 0 (left out) or 1 (counted)")
         counted = counted & (mask != 0)
     live = targets[counted]
     if live.size and (live.min() < 0 or live.max() >= V):

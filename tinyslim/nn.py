@@ -338,6 +338,8 @@ class GPT(Module):
             idx = idx[None, :]
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"GPT expects token ids as an integer array (B, T), got {idx.dtype} {idx.shape}")
+        if idx.shape[0] < 1:
+            raise ValueError(f"GPT got a batch of 0 sequences (token ids of shape {idx.shape}); pass at least one row")
         T = idx.shape[1]
         if T < 1 or (T > self.config.block_size and not any_length):
             raise ValueError(f"sequence length {T} is outside [1, block_size = {self.config.block_size}]")
@@ -376,6 +378,8 @@ class GPT(Module):
                  greedy: bool = False, rng=None, stop_token: int | None = None) -> np.ndarray:
         """Extend idx (B, T) by max_new_tokens tokens, cropping the context to block_size."""
         idx = self._check_idx(idx, any_length=True).copy()  # a longer prompt is cropped like the running context
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if temperature <= 0 and not greedy:
             raise ValueError(f"temperature must be > 0 (or pass greedy=True), got {temperature}")
         rng = rng if rng is not None else np.random.default_rng(0)

@@ -84,6 +84,15 @@ class Optimizer:
     def step(self):
         raise NotImplementedError
 
+    def _check_finite(self):
+        """A NaN or inf gradient would poison every later step (Adam's moments keep it): refuse before any
+        parameter changes."""
+        for i, p in enumerate(self.params):
+            if p.grad is not None and not np.all(np.isfinite(p.grad)):
+                raise FloatingPointError(
+                    f"{type(self).__name__}.step: parameter {i} (shape {p.shape}) has a NaN or inf gradient; no "
+                    "parameter was changed. Check the inputs and the loss for NaN/inf, or lower the learning rate")
+
 
 class SGD(Optimizer):
     """p ← p − lr·(g + wd·p), with optional momentum (torch's convention: buf ← μ·buf + g)."""
@@ -92,6 +101,7 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     def step(self):
+        self._check_finite()
         self.step_count += 1
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -116,6 +126,7 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def step(self):
+        self._check_finite()
         self.step_count += 1
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

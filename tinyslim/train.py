@@ -53,8 +53,16 @@ def _param_groups(model: GPT, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _non_empty(batches, who: str) -> list:
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{who}: got no batches; a mean over an empty dataset is undefined")
+    return batches
+
+
 def evaluate_loss(model: GPT, batches) -> float:
     """Mean cross-entropy (nats/char) over fixed (x, y) batches."""
+    batches = _non_empty(batches, "evaluate_loss")
     was_training = model.training
     model.eval()
     with no_grad():
@@ -66,6 +74,7 @@ def evaluate_loss(model: GPT, batches) -> float:
 def next_char_accuracy(model: GPT, batches, reference: GPT | None = None) -> float:
     """Top-1 next-character accuracy over fixed batches; with a reference model, the top-1
     agreement with it instead (a bounded measure of drift from the base)."""
+    batches = _non_empty(batches, "next_char_accuracy")
     was_training = model.training
     model.eval()
     hits = total = 0
@@ -167,6 +176,15 @@ def _resume(path, model, optimizer, model_config, config):
     saved = GPTConfig.from_dict(meta["config"])
     if saved != model_config:
         raise ValueError(f"cannot resume from {path}: it was made for another model config ({saved.diff(model_config)})")
+    # the recipe must match too, or the resumed run silently differs from an uninterrupted one; `steps` may
+    # grow (continuing a run: the schedule then follows the new length), evaluation settings may change
+    ours = dataclasses.asdict(config)
+    differ = {k: (v, ours.get(k)) for k, v in meta.get("pretrain", {}).items()
+              if k not in ("steps", "eval_every", "eval_batches") and ours.get(k) != v}
+    if differ:
+        raise ValueError(f"cannot resume from {path}: it was made with another PretrainConfig "
+                         f"({', '.join(f'{k}: checkpoint {a!r} vs now {b!r}' for k, (a, b) in differ.items())}); "
+                         "pass the same recipe, or resume=False to start over")
     model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
     optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
     return int(meta["step"]), list(meta.get("history", []))
