@@ -1,0 +1,239 @@
+# %% [markdown]
+# # 06 · MoLE: composing trained LoRAs with learned gates
+#
+# You have several LoRAs, each good at one skill. Can one model serve all the skills at once,
+# without retraining them? MoLE (Wu, Huang, Wei; arXiv 2404.13628) freezes the LoRAs and learns only
+# a small **gate per layer** that decides, token by token, how much of each LoRA to use. This
+# tutorial trains three small LoRAs, composes them three ways (sum, average, MoLE), draws the gates
+# per layer, and masks a LoRA out at inference without retraining.
+#
+# Run it: `python tutorials/06_mole.py`. `TINYSLIM_FAST=1` trains for fewer steps.
+
+# %%
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one BLAS thread is fastest (set before numpy)
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tinyslim.adapters import NLA, LoraSum, Mole, adapter_state_dict, make_method  # noqa: E402
+from tinyslim.adapters.mole import balance_loss  # noqa: E402
+from tinyslim.autograd import no_grad  # noqa: E402
+from tinyslim.cli import base_model  # noqa: E402
+from tinyslim.data import PAD_ID  # noqa: E402
+from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
+from tinyslim.tasks import evaluate_task, make_tasks  # noqa: E402
+
+FAST = os.environ.get("TINYSLIM_FAST") == "1"
+OUT = Path("runs/tutorials")
+OUT.mkdir(parents=True, exist_ok=True)
+TARGETS = ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]
+
+# %% [markdown]
+# ## 1. Three source LoRAs
+#
+# One plain LoRA per task (tutorial 02), each trained alone from the base: `cap` (upper-case),
+# `rev` (reverse) and `sft` (Caesar shift). `make_tasks` pads the three to one sequence length so that
+# their batches can be mixed later.
+
+# %%
+tasks = make_tasks(["cap", "rev", "sft"], seed=0, n_train=2000, n_test=30 if FAST else 100)
+STEPS = 100 if FAST else 600
+
+
+def train(method, batches, steps, lr=4e-3):
+    """The runner's loop (scenario A): Adam, linear decay to 0, clip at 1; returns the losses."""
+    params = method.trainable_parameters()
+    opt = Adam(params, lr=lr)
+    method.before_task(0, steps, opt)
+    losses = []
+    for step in range(steps):
+        opt.lr = lr * (1 - step / steps)
+        x, y, mask = batches(step)
+        loss = method.loss(x, y, mask)
+        opt.zero_grad()
+        loss.backward()
+        clip_grad_norm_(params, 1.0)
+        opt.step()
+        method.after_step(step, opt)
+        losses.append(loss.item())
+    return losses
+
+
+def accuracies(method):
+    with method.evaluating() as model:
+        return [evaluate_task(model, t) for t in tasks]
+
+
+sources = []
+for i, task in enumerate(tasks):
+    lora = make_method("lora", r=4, lora_alpha=8, target_modules=TARGETS)
+    lora.attach(base_model()[0], seed=i)
+    rng = np.random.default_rng([1, i])
+    train(lora, lambda step: task.batch(16, rng), STEPS)
+    sources.append(lora)
+    print(f"LoRA {i} on {task.name}: accuracy on (cap, rev, sft) = "
+          + ", ".join(f"{a:.0%}" for a in accuracies(lora)))
+
+# %% [markdown]
+# Each LoRA is good at its own task and useless at the others (it applies its own map whatever the
+# tag says). Now we want *one* model for all three.
+#
+# ## 2. Two compositions that need no training
+#
+# With the source deltas $\Delta W_i = s_i B_i A_i$:
+#
+# $$\text{sum: } W = W_0 + \textstyle\sum_i \Delta W_i, \qquad
+#   \text{NLA: } W = W_0 + \tfrac{1}{N}\sum_i \Delta W_i .$$
+#
+# The sum applies every LoRA at full strength at once (they collide); the average keeps the model
+# sane but gives each LoRA only a third of its strength.
+
+# %%
+states = [adapter_state_dict(m.model) for m in sources]
+scales = [m.config.scale for m in sources]
+results = {}
+for name, cls in (("sum", LoraSum), ("NLA", NLA)):
+    method = cls(lora_sources=states, lora_scales=scales)
+    method.attach(base_model()[0], seed=0)
+    results[name] = accuracies(method)
+nla = method
+
+# %% [markdown]
+# ## 3. MoLE: a learned gate per layer
+#
+# In every adapted layer, MoLE computes all $N$ branch outputs first, then a softmax gate from them:
+#
+# $$u_i = s_i B_i A_i x, \quad U = \mathrm{LayerNorm}([u_1;\dots;u_N]), \quad
+#   G = \mathrm{softmax}\!\big(e^\top U / \tau\big), \quad y = W_0 x + b_0 + \sum_i G_i\, u_i .$$
+#
+# Only the gate matrix $e$ ($N d_{out} \times N$) and $\rho = \log\tau$ train, on an equal mixture of
+# the three tasks. A balance loss keeps the gates from collapsing onto one LoRA:
+#
+# $$q_i = \text{mean of } G_i \text{ over layers and tokens}, \qquad
+#   L = L_{CE} + 0.5\,(-\textstyle\sum_i \log q_i), \qquad -\sum_i \log q_i \ge N \log N .$$
+#
+# `MoleLinear.gate` and `balance_loss` in `tinyslim/adapters/mole.py` are these equations.
+
+# %%
+mole = Mole.from_methods(sources, pad_token_id=PAD_ID)
+mole.attach(base_model()[0], seed=0)
+frozen = {n: p.data.copy() for n, p in mole.model.named_parameters() if not p.requires_grad}
+print(f"MoLE trains {sum(p.size for p in mole.trainable_parameters()):,d} numbers "
+      f"(the three LoRAs hold {sum(v.size for s in states for v in s.values()):,d}, frozen)")
+mix_rng = np.random.default_rng(2)
+
+
+def mixed_batch(step, per_task=4):
+    parts = [t.batch(per_task, mix_rng) for t in tasks]
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+
+gate_losses = train(mole, mixed_batch, 40 if FAST else 300, lr=5e-3)
+results["MoLE"] = accuracies(mole)
+print(f"gate training: loss {np.mean(gate_losses[:5]):.3f} → {np.mean(gate_losses[-5:]):.3f}")
+
+print(f"\n{'':8s}" + "".join(f"{t.name:>7s}" for t in tasks) + "   mean")
+for name, accs in results.items():
+    print(f"{name:8s}" + "".join(f"{a:7.0%}" for a in accs) + f"{np.mean(accs):7.0%}")
+
+# %% [markdown]
+# Invariants that hold whatever the run: only $e$ and $\rho$ moved (the base and all three LoRAs are
+# bit-identical), every gate is positive and sums to 1, and the balance loss is at least $N\log N$.
+
+# %%
+assert all(np.array_equal(p.data, frozen[n]) for n, p in mole.model.named_parameters() if not p.requires_grad)
+x_all = np.concatenate([t.batch(8, np.random.default_rng(3))[0] for t in tasks])
+with mole.evaluating() as model:
+    model(x_all)
+gates = [layer.current_gate for layer in mole.gate_layers()]
+real = (x_all != PAD_ID).reshape(-1)
+G = np.stack([g.data[real] for g in gates])  # (layers, real tokens, N)
+print(f"gates over {G.shape[0]} layers × {G.shape[1]} tokens: min {G.min():.1e}, max |Σ_i G_i − 1| = "
+      f"{np.abs(G.sum(axis=-1) - 1).max():.1e}")
+assert np.all(G >= 0) and np.allclose(G.sum(axis=-1), 1, atol=1e-5)  # > 0 in exact arithmetic; float32 may underflow
+L_bal = balance_loss(gates, real).item()
+print(f"balance loss {L_bal:.4f} ≥ N·log N = {3 * np.log(3):.4f}")
+assert L_bal >= 3 * np.log(3) - 1e-5
+
+# %% [markdown]
+# ## 4. Where does each layer look? The gates per layer
+#
+# `mole.gate_means(x)` averages the gate of every adapted layer over the tokens of a batch. One
+# heatmap per task's inputs: rows are layers, columns are the three LoRAs.
+
+# %%
+means = {t.name: mole.gate_means(t.batch(32, np.random.default_rng(4))[0]) for t in tasks}
+layer_names = list(means[tasks[0].name])
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 4), sharey=True)
+    for ax, t in zip(axes, tasks):
+        M = np.stack([means[t.name][n] for n in layer_names])
+        im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set(title=f"inputs of {t.name}", xticks=range(3), xticklabels=[s.name for s in tasks])
+    axes[0].set(yticks=range(len(layer_names)),
+                yticklabels=[n.replace("transformer.", "") for n in layer_names])
+    axes[0].tick_params(axis="y", labelsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mean gate")
+    fig.savefig(OUT / "06_mole_gates.png", dpi=100, bbox_inches="tight")
+    print("plot written to", OUT / "06_mole_gates.png")
+except ImportError:
+    print("matplotlib not installed: no plot")
+for t in tasks:
+    own = np.mean([means[t.name][n][tasks.index(t)] for n in layer_names])
+    print(f"mean gate on its own LoRA for {t.name} inputs: {own:.2f} (uniform: 0.33)")
+
+# %% [markdown]
+# ## 5. Masking a LoRA at inference
+#
+# Keep a subset $S$ and renormalise: $G'_i = G_i\,\mathbb{1}[i\in S] / \sum_{j\in S} G_j$. With
+# $S = \{j\}$ the gate is exactly 1 and the layer *is* LoRA $j$, so the logits equal those of the
+# plain LoRA model $j$. With $e = 0$ the gates are uniform and MoLE *is* NLA.
+
+# %%
+x = tasks[1].batch(8, np.random.default_rng(5))[0]
+for j, src in enumerate(sources):
+    with mole.masked([j]), mole.evaluating() as model:
+        masked_logits = model(x)[0].data
+    with src.evaluating() as model:
+        alone = model(x)[0].data
+    err = np.abs(masked_logits - alone).max() / max(1.0, np.abs(alone).max())
+    assert err < 1e-5, err  # equal up to float32 rounding (two different kernel paths)
+print("MoLE masked to {j} equals LoRA j alone, for j = 0, 1, 2")
+
+with mole.evaluating() as model, no_grad():
+    saved = [layer.gate_e.data.copy() for layer in mole.gate_layers()]
+    for layer in mole.gate_layers():
+        layer.gate_e.data[...] = 0
+    uniform_logits = model(x)[0].data
+    for layer, e in zip(mole.gate_layers(), saved):
+        layer.gate_e.data[...] = e
+with nla.evaluating() as model:
+    nla_logits = model(x)[0].data
+assert np.allclose(uniform_logits, nla_logits, rtol=1e-4, atol=1e-4)
+print("MoLE with e = 0 equals NLA")
+
+masked = {}
+for j, t in enumerate(tasks):
+    keep = [i for i in range(3) if i != j]
+    with mole.masked(keep):
+        masked[t.name] = accuracies(mole)
+    print(f"MoLE without LoRA {j} ({t.name}): " + ", ".join(f"{u.name} {a:.0%}" for u, a in zip(tasks, masked[t.name])))
+
+# %% [markdown]
+# What this run shows is printed above. The spec's toy claim is MoLE > NLA > sum in mean accuracy,
+# with masking LoRA $j$ dropping task $j$. Measured while writing this tutorial (full size, seed 0):
+# the three LoRAs reached 73–76% on their own tasks, but *every* composition — sum, NLA and MoLE
+# after 300 gate steps — scored 0% exact match on all three tasks, while MoLE's gates leaned only
+# mildly towards the right LoRA (0.49 on `cap` inputs, ~0.33 on the others). On this toy the maps
+# collide in the same weights, and a soft mixture of them writes garbled answers. That is reported,
+# not asserted; only the exact invariants above are.
+
+# %%
+print("tutorial 06 checks passed")
