@@ -139,16 +139,18 @@ def cmd_run(args) -> int:
     import json
 
     from .experiments.continual import ContinualConfig, format_results, method_overrides, run_methods
-    from .io import atomic_write_bytes
+    from .io import CheckpointError, atomic_write_bytes
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.scenario != "continual":
+        return cmd_run_world(args)
+    methods = [m.strip() for m in (args.methods or "lora,er,ilora,cola").split(",") if m.strip()]
     seeds = list(range(args.seed, args.seed + args.seeds))
     name = args.name or (f"continual-seed{args.seed}" if args.seeds == 1 else
                          f"continual-seeds{seeds[0]}-{seeds[-1]}")
     out_dir = Path(args.runs_dir) / name
-    if out_dir.exists() and not args.overwrite:
-        print(f"error: the run directory {out_dir} exists; choose another --name or pass --overwrite",
-              file=sys.stderr)
+    if out_dir.exists() and not (args.overwrite or args.resume):
+        print(f"error: the run directory {out_dir} exists; choose another --name, pass --resume to go on from its "
+              "checkpoints, or --overwrite to start over", file=sys.stderr)
         return 2
     try:
         fields = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
@@ -163,8 +165,9 @@ def cmd_run(args) -> int:
         config = ContinualConfig(**fields)
         overrides = method_overrides(args.method_args, methods)
         model, source = base_model(progress=not args.quiet)
-        doc = run_methods(methods, config, seeds, model, overrides, progress=not args.quiet)
-    except ValueError as err:
+        doc = run_methods(methods, config, seeds, model, overrides, progress=not args.quiet,
+                          checkpoint_dir=out_dir / "checkpoints", resume=args.resume)
+    except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     doc["base_source"] = source
@@ -175,6 +178,80 @@ def cmd_run(args) -> int:
     path = out_dir / "continual.json"
     atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
     print(f"\nwritten: {path}")
+    return 0
+
+
+def cmd_run_world(args) -> int:
+    """`run composition` (scenario B) / `run editing` (scenario C): the world for each seed; prints the
+    tables, writes runs/<name>/<scenario>.json."""
+    import ast
+    import json
+
+    from .io import atomic_write_bytes
+
+    scenario = {"compose": "composition", "edit": "editing"}.get(args.scenario, args.scenario)
+    if scenario == "composition":
+        from .experiments.composition import CompositionConfig as Config
+        from .experiments.composition import format_composition as fmt
+        from .experiments.composition import run_composition as run
+    else:
+        from .experiments.editing import EditingConfig as Config
+        from .experiments.editing import format_editing as fmt
+        from .experiments.editing import run_editing as run
+    ignored = [flag for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
+                                        ("--rank", args.rank), ("--method-args", args.method_args)) if value]
+    if scenario == "editing":
+        ignored += [flag for flag, value in (("--tasks", args.tasks), ("--n-train", args.n_train),
+                                             ("--n-test", args.n_test), ("--eval-batches", args.eval_batches),
+                                             ("--no-fact-recall", args.no_fact_recall)) if value]
+    if ignored:
+        print(f"error: {', '.join(ignored)} apply to `run continual` only; set {scenario}'s fields with --set "
+              "FIELD=VALUE", file=sys.stderr)
+        return 2
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    name = args.name or (f"{scenario}-seed{args.seed}" if args.seeds == 1 else f"{scenario}-seeds{seeds[0]}-{seeds[-1]}")
+    out_dir = Path(args.runs_dir) / name
+    path = out_dir / f"{scenario}.json"
+    if path.exists() and not args.overwrite:
+        print(f"error: {path} exists; choose another --name or pass --overwrite", file=sys.stderr)
+        return 2
+    fields = {}
+    for spec in args.set:  # FIELD=VALUE of the scenario's config (Python literals, else strings)
+        key, sep, raw = spec.partition("=")
+        if not sep:
+            print(f"error: --set {spec!r} is not FIELD=VALUE", file=sys.stderr)
+            return 2
+        try:
+            fields[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            fields[key.strip()] = raw
+    if args.methods:
+        fields["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if scenario == "composition":
+        fields.update({k: v for k, v in dict(n_train=args.n_train, n_test=args.n_test,
+                                             eval_batches=args.eval_batches).items() if v is not None})
+        if args.tasks:
+            fields["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.no_fact_recall:
+            fields["fact_recall"] = False
+    try:
+        config = Config(**fields)
+    except (TypeError, ValueError) as err:
+        print(f"error: {err} (the {Config.__name__} fields are "
+              f"{', '.join(f.name for f in dataclasses.fields(Config))})", file=sys.stderr)
+        return 2
+    model, source = base_model(progress=not args.quiet)
+    runs, tables = [], []
+    for seed in seeds:
+        doc = run(config, model, seed, progress=not args.quiet)
+        tables.append(fmt(doc))
+        print(tables[-1] + "\n")
+        runs.append(doc)
+    out = runs[0] if len(runs) == 1 else {"scenario": scenario, "seeds": seeds, "runs": runs}
+    out.update(base_source=source, cli_args={k: v for k, v in vars(args).items() if k != "fn"},
+               table="\n\n".join(tables))
+    atomic_write_bytes(path, json.dumps(out, indent=1).encode())
+    print(f"written: {path}")
     return 0
 
 
@@ -270,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A)")
-    p.add_argument("scenario", choices=["continual"])
-    p.add_argument("--methods", default="lora,er,ilora,cola", help="comma-separated method names")
+    p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A), "
+                       "`run composition` (B), `run editing` (C)")
+    p.add_argument("scenario", choices=["continual", "composition", "editing", "compose", "edit"])
+    p.add_argument("--methods", default=None, help="comma-separated method names (continual: default "
+                   "lora,er,ilora,cola; composition: lora_sum,nla,mole,mole_nobal; editing: elder,ft_lora)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …); mean ± std over them")
     p.add_argument("--tasks", default=None, help="comma-separated task tags in training order "
@@ -288,9 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fact-recall", action="store_true", help="skip the held-out fact recall measurement")
     p.add_argument("--method-args", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
                    help="config overrides, e.g. ilora.ema_lambda=0.999 (repeatable, or comma-separated)")
-    p.add_argument("--name", default=None, help="run directory name under --runs-dir (default continual-seed<N>)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="composition / editing: a field of CompositionConfig / EditingConfig, e.g. mole_steps=600 "
+                   "or stream_lengths=(10,50,100) (repeatable)")
+    p.add_argument("--name", default=None, help="run directory name under --runs-dir (default <scenario>-seed<N>)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
+    p.add_argument("--resume", action="store_true", help="continual: go on from the run directory's checkpoints "
+                   "(written every 100 steps and at task boundaries), ending as an uninterrupted run would")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
 
