@@ -199,7 +199,8 @@ def cmd_run_world(args) -> int:
         from .experiments.editing import format_editing as fmt
         from .experiments.editing import run_editing as run
     ignored = [flag for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
-                                        ("--rank", args.rank), ("--method-args", args.method_args)) if value]
+                                        ("--rank", args.rank), ("--method-args", args.method_args),
+                                        ("--resume", args.resume)) if value]
     if scenario == "editing":
         ignored += [flag for flag, value in (("--tasks", args.tasks), ("--n-train", args.n_train),
                                              ("--n-test", args.n_test), ("--eval-batches", args.eval_batches),

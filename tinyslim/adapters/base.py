@@ -71,6 +71,15 @@ class Streams:
         """Names of the streams that have been asked for (a test can check that one stayed untouched)."""
         return sorted(self._generators)
 
+    def state_dict(self) -> dict:
+        """{name: bit_generator.state} of every stream created so far (JSON-serialisable: a checkpoint's meta)."""
+        return {name: g.bit_generator.state for name, g in sorted(self._generators.items())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put every named stream into the saved state, in place (layers that hold a stream keep it)."""
+        for name, value in state.items():
+            self[name].bit_generator.state = value
+
 
 # ---- the adapted linear layer --------------------------------------------------------------------
 
@@ -430,6 +439,28 @@ class Method:
         finally:
             self._set_learner(previous)
             self.model.train(was_training)
+
+    # ---- checkpoints (resuming a run) ---------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict]:
+        """(arrays, meta): everything an interrupted run needs to go on exactly as if uninterrupted — the
+        adapter arrays ("adapter.<module>.<array>"), the current task and the state of every named RNG
+        stream. ``meta`` is JSON-serialisable. Methods with more state (a replay buffer, step counters,
+        tied knots) extend both dicts; the optimizer's state is the runner's."""
+        self._check_attached()
+        arrays = {f"adapter.{k}": v for k, v in adapter_state_dict(self.model).items()}
+        meta = {"method": self.name, "task_id": int(self.task_id), "streams": self.streams.state_dict()}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        """Restore ``state_dict()``'s output into an attached method of the same config (in place: the
+        optimizer keeps its parameter references). Another method, or arrays that do not fit, raise."""
+        self._check_attached()
+        if meta.get("method") != self.name:
+            raise ValueError(f"{self.name}: the state was saved from method {meta.get('method')!r}")
+        load_adapter_state_dict(self.model, {k[len("adapter."):]: v for k, v in arrays.items()
+                                             if k.startswith("adapter.")})
+        self.task_id = int(meta["task_id"])
+        self.streams.load_state_dict(meta["streams"])
 
     def describe(self) -> dict:
         """Name, config (as a dict) and, once attached, the adapted modules and trainable parameter count."""

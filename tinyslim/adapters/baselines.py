@@ -70,6 +70,23 @@ class ER(SeqLoRA):
         cfg = self.config
         self.buffer = Reservoir(cfg.buffer_size, self.streams["reservoir"]) if cfg.buffer_size else None
 
+    def state_dict(self) -> tuple[dict, dict]:
+        """The adapters and streams (Method) plus the reservoir's examples and counter."""
+        arrays, meta = super().state_dict()
+        if self.buffer is not None:
+            buf_arrays, meta["reservoir"] = self.buffer.state_dict()
+            arrays.update({f"reservoir.{k}": v for k, v in buf_arrays.items()})
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        if (self.buffer is None) != ("reservoir" not in meta):
+            raise ValueError(f"{self.name}: the state {'has' if 'reservoir' in meta else 'has no'} replay buffer, "
+                             f"this method {'has none' if self.buffer is None else 'has one'} (buffer_size differs)")
+        if self.buffer is not None:
+            self.buffer.load_state_dict({k[len("reservoir."):]: v for k, v in arrays.items()
+                                         if k.startswith("reservoir.")}, meta["reservoir"])
+        super().load_state_dict(arrays, meta)
+
     def replay_batch(self, x, y, mask):
         """Offer the current rows to the buffer and, from task 1 on, draw X_rep (None on task 0)."""
         cfg = self.config

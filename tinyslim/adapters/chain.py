@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .base import Method
 from .lora import LoraConfig, LoraLinear, lora_scale
 
@@ -133,6 +135,41 @@ class COLA(Method):
             layer.scale = self.scales[next_link]
             layer.reset_parameters(rng, self.ranks[next_link])
         self.j = next_link
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict]:
+        """The current link's factors and streams (Method), the adapted layers' base weights with the knots
+        tied so far ("base.<module>") and the original W0 ("W0.<module>"), each layer's scale, and the
+        schedule: link j, step t, budget T, knots, lr0 and the history of tied knots."""
+        arrays, meta = super().state_dict()
+        for name, layer in zip(self.adapted, self.layers()):
+            arrays[f"base.{name}"] = layer.base_layer.weight.data.copy()
+            arrays[f"W0.{name}"] = self.W0[name].copy()
+        meta["cola"] = {"j": int(self.j), "t": int(self.t), "T": None if self.T is None else int(self.T),
+                        "knots": [int(k) for k in self.knots], "history": [list(map(int, h)) for h in self.history],
+                        "lr0": self.lr0, "scales": [float(layer.scale) for layer in self.layers()]}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        layers = self.layers()
+        missing = [f"{kind}.{name}" for name in self.adapted for kind in ("base", "W0")
+                   if f"{kind}.{name}" not in arrays]
+        if missing or "cola" not in meta or len(meta["cola"]["scales"]) != len(layers):
+            raise ValueError(f"cola: the state lacks {missing or 'the chain schedule'} (saved from another method "
+                             "or other target_modules?)")
+        for name, layer in zip(self.adapted, layers):
+            if arrays[f"base.{name}"].shape != layer.base_layer.weight.shape:
+                raise ValueError(f"cola: base.{name} has shape {arrays[f'base.{name}'].shape}, the layer "
+                                 f"{layer.base_layer.weight.shape}")
+        super().load_state_dict(arrays, meta)
+        state = meta["cola"]
+        for name, layer, scale in zip(self.adapted, layers, state["scales"]):
+            np.copyto(layer.base_layer.weight.data, arrays[f"base.{name}"])
+            self.W0[name] = np.array(arrays[f"W0.{name}"])
+            layer.scale = scale
+        self.j, self.t, self.T = int(state["j"]), int(state["t"]), state["T"]
+        self.knots, self.lr0 = list(state["knots"]), state["lr0"]
+        self.history = [tuple(h) for h in state["history"]]
 
     # ---- the hooks -----------------------------------------------------------------------------
     def before_task(self, task_id: int, steps: int, optimizer) -> None:

@@ -187,6 +187,19 @@ class ILoRA(ER):
         finally:
             self._set_learner(previous)
 
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict]:
+        """ER's state (fast and slow factors are adapter arrays, the buffer) plus the step counter t and the
+        active learner."""
+        arrays, meta = super().state_dict()
+        meta["ilora"] = {"t": int(self.t), "active": self.layers()[0].active}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        super().load_state_dict(arrays, meta)
+        self.t = int(meta["ilora"]["t"])
+        self._set_learner(meta["ilora"]["active"])
+
     # ---- training ------------------------------------------------------------------------------
     def before_task(self, task_id: int, steps: int, optimizer) -> None:
         super().before_task(task_id, steps, optimizer)  # Adam reset (reset_optimizer_per_task)

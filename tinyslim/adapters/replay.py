@@ -61,6 +61,24 @@ class Reservoir:
         for i in range(len(x)):
             self.offer((x[i].copy(), y[i].copy(), mask[i].copy()))
 
+    def state_dict(self) -> tuple[dict, dict]:
+        """(arrays "<i>.x" / "<i>.y" / "<i>.mask" per buffered example, meta {n_seen, size, capacity}).
+        The `reservoir` stream's state is saved with the method's streams."""
+        arrays = {f"{i}.{key}": value for i, item in enumerate(self.items)
+                  for key, value in zip(("x", "y", "mask"), item)}
+        return arrays, {"n_seen": int(self.n_seen), "size": len(self.items), "capacity": self.capacity}
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        if int(meta["capacity"]) != self.capacity:
+            raise ValueError(f"Reservoir: the state holds a buffer of capacity {meta['capacity']}, this one has "
+                             f"{self.capacity}")
+        n = int(meta["size"])
+        try:
+            items = [tuple(np.array(arrays[f"{i}.{key}"]) for key in ("x", "y", "mask")) for i in range(n)]
+        except KeyError as err:
+            raise ValueError(f"Reservoir: the state lacks the buffered array {err}") from None
+        self.items, self.n_seen = items, int(meta["n_seen"])
+
     def sample(self, b: int) -> ReplayBatch:
         """min(b, |buf|) examples, uniformly without replacement, padded to the longest."""
         if not self.items:

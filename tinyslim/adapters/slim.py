@@ -388,6 +388,25 @@ class SLIM(Method):
         for layer in self.layers():
             layer.update_clusters()  # 5. with the inputs cached by this step's forward
 
+    def state_dict(self) -> tuple[dict, dict]:
+        """The adapter arrays already hold every piece of SLIM's state: experts, router, and the cluster
+        statistics μ, σ (σ > 0 is the seeding flag); the `mask`, `cluster`, `eval_mask` streams go with the
+        Method's streams. The per-step masks are redrawn by every loss(), the clusters' token cache is
+        emptied by every after_step, so neither needs saving between steps. meta records the seeding flags."""
+        arrays, meta = super().state_dict()
+        meta["slim"] = {"seeded": [layer.seeded for layer in self.layers()]}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        super().load_state_dict(arrays, meta)
+        for layer in self.layers():
+            layer._cache = None
+            layer.in_mask = layer.out_mask = None
+        seeded = [layer.seeded for layer in self.layers()]
+        if "slim" in meta and meta["slim"]["seeded"] != seeded:
+            raise ValueError(f"{self.name}: the cluster statistics loaded give seeding flags {seeded}, the state "
+                             f"recorded {meta['slim']['seeded']}")
+
     def routing_stats(self, x) -> dict:
         """{layer name: {"d": d(x) (n,), "identity_mass": (n,)}} over the real tokens of x, in evaluation
         mode: the §2.4 diagnostic (histograms of d, identity mass on downstream vs general inputs)."""

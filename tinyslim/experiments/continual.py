@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..adapters.base import stream
 from ..autograd import no_grad
+from ..io import CheckpointError, load_checkpoint, save_checkpoint
 from ..optim import Adam, LRScheduler, clip_grad_norm_
 from ..tasks import DEFAULT_TASKS, TASKS, Task, evaluate_task, make_tasks
 from . import metrics
@@ -163,10 +166,17 @@ class GeneralEval:
 # ---- the runner -------------------------------------------------------------------------------------
 
 def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model, seed: int = 0,
-                  progress: bool = True, general: GeneralEval | None = None) -> dict:
+                  progress: bool = True, general: GeneralEval | None = None, checkpoint=None,
+                  checkpoint_every: int | None = 100, resume: bool = True) -> dict:
     """Train `method` through `tasks` in order on a copy of `base_model`; return the result dict.
 
-    general: a GeneralEval to reuse across runs (it holds the base model's measurements)."""
+    general: a GeneralEval to reuse across runs (it holds the base model's measurements).
+    checkpoint: a file path; the run state (the method's state_dict, Adam's state, the position (task, step),
+    the results so far and the runner's RNG streams) is written there atomically at every task boundary and
+    every `checkpoint_every` steps (None: at boundaries only). If the file exists (and `resume`), the run
+    goes on from it and ends bit-identical to an uninterrupted run (same backend and thread count); a
+    checkpoint of another config, method, seed, base model or task data is a CheckpointError naming the
+    differing fields. resume=False starts over (and overwrites the file)."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -174,6 +184,9 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
     if any(t.seq_len > block for t in tasks):
         raise ValueError(f"task lines need {max(t.seq_len for t in tasks)} positions but the model's block_size "
                          f"is {block}; use a model with a larger block_size")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+    identity = _run_identity(method, tasks, config, base_model, seed) if checkpoint is not None else None
     general = general or GeneralEval(base_model, config)
     model = copy.deepcopy(base_model)  # the caller's model is never touched
     model.train()
@@ -184,18 +197,49 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
     T = len(tasks)
     R = {name: np.zeros((T, T)) for name in learners}
     general_rows = {name: [] for name in learners}
-    train_log, eval_s = [], 0.0
+    train_log, eval_s, losses = [], 0.0, []
     # the runner's own streams (methods.md §0); the method draws from its own (init, reservoir, …)
     data_rng, step_rng = stream(seed, "runner/data"), stream(seed, "runner/model-dropout")
     schedule = LRScheduler.SCHEDULES[config.lr_schedule]
 
-    for k, task in enumerate(tasks):
-        optimizer.reset_state()  # every method, every boundary (carried Adam state wrecks plasticity)
-        optimizer.lr = schedule(0, config.steps, config.lr, config.warmup_steps)
-        method.before_task(k, config.steps, optimizer)
-        losses = []
-        bar = tqdm(range(config.steps), disable=not progress, leave=False, unit="step",
-                   desc=f"{method.name} {k + 1}/{T} {task.name}")
+    start_task, start_step, elapsed_before = 0, 0, 0.0
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        runner = _load_run_checkpoint(checkpoint, identity, method, optimizer)
+        start_task, start_step = runner["position"]
+        for name in learners:
+            R[name][:start_task] = np.array(runner["R"][name], dtype=float).reshape(start_task, T)
+            general_rows[name] = list(runner["general"][name])
+        train_log, losses = list(runner["train_log"]), list(runner["losses"])
+        eval_s, elapsed_before = float(runner["eval_s"]), float(runner["elapsed_s"])
+        data_rng.bit_generator.state = runner["data_rng"]
+        step_rng.bit_generator.state = runner["step_rng"]
+        optimizer.lr = runner["lr"]
+        if progress:
+            tqdm.write(f"{method.name}: resuming from {checkpoint} at task {start_task + 1}/{T}, step "
+                       f"{start_step}/{config.steps}")
+
+    def save(task_k: int, step: int) -> None:
+        arrays, meta = method.state_dict()
+        tensors = {**{f"method.{k}": v for k, v in arrays.items()},
+                   **{f"optim.{k}": v for k, v in optimizer.state_dict().items()}}
+        runner = {"position": [task_k, step], "lr": float(optimizer.lr), "losses": [float(v) for v in losses],
+                  "R": {name: R[name][:task_k].tolist() for name in learners}, "general": general_rows,
+                  "train_log": train_log, "eval_s": eval_s,
+                  "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                  "data_rng": data_rng.bit_generator.state, "step_rng": step_rng.bit_generator.state}
+        save_checkpoint(checkpoint, tensors, {"kind": "continual", "version": 1, "identity": identity,
+                                              "method_state": meta, "runner": _jsonable(runner)})
+
+    for k in range(start_task, T):
+        task = tasks[k]
+        first = start_step if k == start_task else 0
+        if first == 0:  # a fresh task (a resumed one has its optimizer, lr, method and losses restored)
+            losses = []
+            optimizer.reset_state()  # every method, every boundary (carried Adam state wrecks plasticity)
+            optimizer.lr = schedule(0, config.steps, config.lr, config.warmup_steps)
+            method.before_task(k, config.steps, optimizer)
+        bar = tqdm(range(first, config.steps), total=config.steps, initial=first, disable=not progress,
+                   leave=False, unit="step", desc=f"{method.name} {k + 1}/{T} {task.name}")
         for step in bar:
             x, y, mask = task.batch(config.batch_size, data_rng)
             loss = method.loss(x, y, mask, step_rng)
@@ -209,6 +253,9 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
             losses.append(loss.item())
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if (checkpoint is not None and checkpoint_every is not None and (step + 1) % checkpoint_every == 0
+                    and step + 1 < config.steps):
+                save(k, step + 1)
         bar.close()
         method.after_task(k)
         curve = [float(np.mean(c)) for c in np.array_split(losses, min(10, len(losses)))]  # 10 chunk means
@@ -224,6 +271,9 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
             row = "  ".join(f"{t.name} {R[learners[0]][k, j]:.0%}" for j, t in enumerate(tasks))
             tqdm.write(f"{method.name} after {task.name}: {row}  (pydoc loss "
                        f"{general_rows[learners[0]][-1]['val_loss']:.2f})")
+        if checkpoint is not None:
+            losses = []
+            save(k + 1, 0)  # the boundary: task k trained and evaluated
 
     per_learner = {}
     for name in learners:
@@ -234,7 +284,7 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
             "general": general_rows[name],
             "general_loss_increase": final["val_loss"] - general.base["val_loss"],
         }
-    wall = time.perf_counter() - t_start
+    wall = elapsed_before + time.perf_counter() - t_start
     return {
         "method": method.name,
         "describe": _jsonable(method.describe()),
@@ -255,6 +305,66 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
         "eval_s": eval_s,
         "config": config.to_dict(),
     }
+
+
+# ---- checkpoints of a run ---------------------------------------------------------------------------
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _run_identity(method, tasks, config, base_model, seed) -> dict:
+    """What a checkpoint must agree on to be resumed: the scenario config, the method and its config, the
+    seed, the tasks (names and data), the base model (config and weights)."""
+    state = base_model.state_dict()
+    return _jsonable({
+        "config": config.to_dict(),
+        "method": method.name,
+        "method_config": dataclasses.asdict(method.config),
+        "seed": int(seed),
+        "tasks": [t.name for t in tasks],
+        "task_data_sha256": _digest(a for t in tasks for a in getattr(t, "_train_arrays", ())),
+        "model_config": base_model.config.to_dict(),
+        "base_model_sha256": _digest(state[k] for k in sorted(state)),
+    })
+
+
+def _identity_diff(saved: dict, ours: dict) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(ours)):
+        a, b = saved.get(key), ours.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: checkpoint {a!r} vs now {b!r}")
+    return out
+
+
+def _load_run_checkpoint(path, identity: dict, method, optimizer) -> dict:
+    """Check a run checkpoint against this run and load the method's and the optimizer's state; returns
+    the runner's part of the meta. Every problem is a CheckpointError naming the file."""
+    arrays, meta = load_checkpoint(path)
+    if meta.get("kind") != "continual":
+        raise CheckpointError(f"checkpoint {path} holds a {meta.get('kind')!r}, not a `run continual` state")
+    differ = _identity_diff(meta.get("identity") or {}, identity)
+    if differ:
+        raise CheckpointError(f"cannot resume from {path}: it was made for another run ({'; '.join(differ)}); "
+                              "use the same settings, or start over (resume=False / another run directory)")
+    try:
+        method.load_state_dict({k[len("method."):]: v for k, v in arrays.items() if k.startswith("method.")},
+                               meta["method_state"])
+        optimizer.load_state_dict({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
+        runner = meta["runner"]
+        runner["position"] = [int(v) for v in runner["position"]]
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this run: {type(err).__name__}: {err}") from None
+    return runner
 
 
 def _jsonable(value):
@@ -312,9 +422,13 @@ def method_overrides(specs: list[str], methods: list[str]) -> dict[str, dict]:
 
 
 def run_methods(methods: list[str], config: ContinualConfig, seeds: list[int], base_model,
-                overrides: dict[str, dict] | None = None, progress: bool = True) -> dict:
+                overrides: dict[str, dict] | None = None, progress: bool = True, checkpoint_dir=None,
+                checkpoint_every: int | None = 100, resume: bool = True) -> dict:
     """Every method on every seed (one shared base measurement); the JSON document of the run:
-    config, per-seed results, and the mean ± std summary per method."""
+    config, per-seed results, and the mean ± std summary per method.
+
+    checkpoint_dir: each (method, seed) run checkpoints to "<dir>/<method>-seed<seed>.safetensors" (see
+    run_continual); with `resume`, finished runs are read back and an interrupted one goes on."""
     overrides = overrides or {}
     for name in methods:  # fail on a bad name or field before any training
         build_method(name, config, overrides.get(name))
@@ -324,7 +438,9 @@ def run_methods(methods: list[str], config: ContinualConfig, seeds: list[int], b
         tasks = make_tasks(config.tasks, seed, config.n_train, config.n_test)
         for name in methods:
             method = build_method(name, config, overrides.get(name))
-            results[name].append(run_continual(method, tasks, config, base_model, seed, progress, general))
+            path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{name}-seed{seed}.safetensors"
+            results[name].append(run_continual(method, tasks, config, base_model, seed, progress, general,
+                                               checkpoint=path, checkpoint_every=checkpoint_every, resume=resume))
     return {"scenario": "continual", "config": config.to_dict(), "methods": list(methods), "seeds": list(seeds),
             "method_overrides": _jsonable(overrides), "optimizer_reset_per_task": True,
             "base_general": general.base, "results": results,
