@@ -613,6 +613,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default="", help="run only shapes whose name contains this text")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from blas_env import reexec_if_needed
+    reexec_if_needed(__file__, sys.argv[1:] if argv is None else list(argv))  # fair NumPy baselines
 
     if args.device == "cuda":
         return run_gpu(args)

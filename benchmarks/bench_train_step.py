@@ -20,24 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _ensure_threads(threads: int, argv: list[str]) -> None:
-    """BLAS reads its thread count at import: re-run this script with the env set if needed.
-
-    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are dropped for the benchmark: some machines set them to
-    force an old kernel (Haswell), which would time NumPy's GEMM at about half its speed against
-    torch's own kernels. The tests keep whatever the machine sets."""
-    want = str(threads)
-    forced = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
-    if os.environ.get("OMP_NUM_THREADS") == want and os.environ.get("OPENBLAS_NUM_THREADS") == want and not forced:
-        return
-    if forced:
-        print(f"(benchmark: unsetting {', '.join(forced)} so that OpenBLAS picks its own kernel)", file=sys.stderr)
-    env = {k: v for k, v in os.environ.items() if k not in forced}
-    env.update(OMP_NUM_THREADS=want, OPENBLAS_NUM_THREADS=want, MKL_NUM_THREADS=want)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
-
-
 def _percentiles(times):
     import numpy as np
     return {"median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
@@ -97,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="BLAS / torch threads (both)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
-    _ensure_threads(args.threads, argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from blas_env import reexec_if_needed
+    reexec_if_needed(__file__, argv, threads=args.threads)  # BLAS reads its thread count at import
 
     import numpy as np
     try:
