@@ -1,0 +1,277 @@
+# %% [markdown]
+# # 05 · I-LoRA: a fast learner, a slow learner, and the line between two tasks
+#
+# Tutorial 03 watched Seq-LoRA forget. I-LoRA (Ren et al., arXiv 2402.18865) starts from an
+# observation about *where* sequential fine-tuning goes: the LoRA at the end of task k and the LoRA
+# at the end of task k+1 are often **linearly mode-connected**, i.e. points on the straight line
+# between them have low loss on both tasks. So keep two copies of the LoRA: a *fast* one that
+# trains (with replayed old examples, as ER does), and a *slow* one that never sees a gradient and
+# only drifts towards the fast one by interpolation, so that it sits somewhere along that line.
+#
+# This tutorial (1) measures the loss along the line between two end-of-task LoRAs, (2) takes the
+# slow learner's update rule apart and checks its invariants numerically, and (3) races Seq-LoRA, ER
+# and I-LoRA (both learners) on two tasks with the scenario-A runner.
+#
+# Run it: `python tutorials/05_ilora.py`. `TINYSLIM_FAST=1` trains for a few steps only.
+
+# %%
+import copy
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny matrices: one BLAS thread is fastest (set before numpy)
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tinyslim.adapters import adapter_state_dict, load_adapter_state_dict  # noqa: E402
+from tinyslim.autograd import no_grad  # noqa: E402
+from tinyslim.cli import base_model  # noqa: E402
+from tinyslim.experiments.continual import ContinualConfig, build_method, run_continual  # noqa: E402
+from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
+from tinyslim.tasks import encode_examples, make_tasks  # noqa: E402
+
+FAST = os.environ.get("TINYSLIM_FAST") == "1"  # the test suite runs every tutorial in this mode
+OUT = Path("runs/tutorials")
+OUT.mkdir(parents=True, exist_ok=True)
+
+TASKS = ("sft", "cap")
+if FAST:
+    config = ContinualConfig(tasks=TASKS, steps=12, n_train=200, n_test=10, eval_batches=1, eval_batch_size=8,
+                             fact_recall=False)
+else:  # 400 steps per task (sft and cap are the fastest tasks to learn)
+    config = ContinualConfig(tasks=TASKS, steps=400, n_train=2000, n_test=100, eval_batches=1, eval_batch_size=32,
+                             fact_recall=False)
+tasks = make_tasks(config.tasks, seed=0, n_train=config.n_train, n_test=config.n_test)
+base, source = base_model()
+print(f"base from {source}; tasks {TASKS}, {config.steps} steps each")
+
+# %% [markdown]
+# ## 1. Mode connectivity: the loss along the line between two tasks' LoRAs
+#
+# Train one LoRA on task 1 (`sft`), keep a copy of its factors $\theta_1 = \{A_1, B_1\}$, continue
+# training the same LoRA on task 2 (`cap`) and keep $\theta_2 = \{A_2, B_2\}$. Then walk the line
+#
+# $$\theta(\alpha) = (1-\alpha)\,\theta_1 + \alpha\,\theta_2, \qquad \alpha \in [0, 1],$$
+#
+# **factor-wise**: $A(\alpha)$ and $B(\alpha)$ are interpolated separately, exactly as I-LoRA's slow
+# learner does. (That is not the line between the two $\Delta W = sBA$: the product is bilinear,
+# so $B(\alpha)A(\alpha)$ has an $\alpha(1-\alpha)$ cross term.) At each point we measure the
+# held-out answer loss of both tasks, $L_1(\alpha)$ and $L_2(\alpha)$, and their mean. Mode
+# connectivity says the mean stays low along the way; the paper's stronger hope is that some
+# interior $\alpha$ beats *both* endpoints.
+#
+# The training loop is the runner's (Adam reset at each task, linear lr decay, clipping at 1),
+# written out so we can snapshot the factors between the tasks.
+
+# %%
+def train_task(method, task, steps, rng):
+    params = method.trainable_parameters()
+    opt = Adam(params, lr=config.lr)
+    method.before_task(0, steps, opt)
+    for step in range(steps):
+        opt.lr = config.lr * (1 - step / steps)
+        x, y, mask = task.batch(config.batch_size, rng)
+        loss = method.loss(x, y, mask)
+        opt.zero_grad()
+        loss.backward()
+        clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        method.after_step(step, opt)
+
+
+held_out = [encode_examples(t.test, t.seq_len) for t in tasks]  # (x, y, mask) of each test split
+
+
+def answer_losses(model):
+    with no_grad():
+        return [model(x, y, loss_mask=m)[1].item() for x, y, m in held_out]
+
+
+seq = build_method("lora", config)
+seq.attach(copy.deepcopy(base), seed=0)
+rng = np.random.default_rng(0)
+train_task(seq, tasks[0], config.steps, rng)
+theta1 = adapter_state_dict(seq.model)
+train_task(seq, tasks[1], config.steps, rng)
+theta2 = adapter_state_dict(seq.model)
+
+alphas = np.linspace(0, 1, 11)
+line = []
+for a in alphas:
+    load_adapter_state_dict(seq.model, {k: (1 - a) * theta1[k] + a * theta2[k] for k in theta1})
+    seq.model.eval()
+    line.append(answer_losses(seq.model))
+line = np.array(line)  # (len(alphas), 2)
+mean = line.mean(1)
+print(f"{'α':>5} {'L_sft':>7} {'L_cap':>7} {'mean':>7}")
+for a, (l1, l2), m in zip(alphas, line, mean):
+    print(f"{a:5.1f} {l1:7.3f} {l2:7.3f} {m:7.3f}")
+best = int(np.argmin(mean))
+interior_wins = 0 < best < len(alphas) - 1
+print(f"lowest mean loss at α = {alphas[best]:.1f} ({mean[best]:.3f}); endpoints {mean[0]:.3f} (θ1), "
+      f"{mean[-1]:.3f} (θ2): an interior point beats both endpoints: {interior_wins}")
+
+# the endpoints are the trained LoRAs themselves, and training on task 2 made task 1 worse (forgetting)
+assert alphas[0] == 0 and alphas[-1] == 1
+if not FAST:
+    assert line[-1, 0] > line[0, 0] and line[-1, 1] < line[0, 1]
+
+# %% [markdown]
+# Whether an interior point wins is *reported*, not asserted: it depends on the task pair, the
+# learning rate and the seed. In one full-size run (`sft` → `cap`, 400 steps each, seed 0) the mean
+# loss is lowest at α = 0.2 (2.79 nats/char) against 4.08 and 4.53 at the endpoints, so an interior
+# point does beat both. But no point is good at *both* tasks (at α = 0.2: L_sft 1.24, L_cap 4.34):
+# on this tiny model the line is a compromise, not the shared low-loss valley the paper reports for
+# LLaMA-2. The plot shows the whole profile.
+
+# %%
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(alphas, line[:, 0], "o-", label=f"L({TASKS[0]})")
+    ax.plot(alphas, line[:, 1], "s-", label=f"L({TASKS[1]})")
+    ax.plot(alphas, mean, "k--", label="mean of both")
+    ax.set(xlabel="α   (0 = end of task 1, 1 = end of task 2)", ylabel="answer loss (nats/char)",
+           title="loss along the factor-wise line θ(α)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "05_ilora_line.png", dpi=100)
+    print("plot written to", OUT / "05_ilora_line.png")
+except ImportError:
+    print("matplotlib not installed: no plot")
+
+# %% [markdown]
+# ## 2. The slow learner: an exponential moving average of the fast one
+#
+# I-LoRA holds one LoRA per adapted layer twice (`tinyslim.adapters.ILoraLinear`): the fast factors
+# $\theta_f = \{A_f, B_f\}$ are trained, the slow ones $\theta_s = \{A_s, B_s\}$ are a buffer that
+# starts as a copy of the fast. After **every** optimizer step, with a global step counter
+# $t = 0, 1, 2, \dots$ that never resets at task boundaries (`ILoRA.after_step`):
+#
+# $$a_t = \min\!\Big(1 - \frac{1}{t+1},\; \lambda\Big), \qquad
+#   A_s \leftarrow a_t A_s + (1-a_t) A_f, \qquad B_s \leftarrow a_t B_s + (1-a_t) B_f .$$
+#
+# The warm-up $1 - 1/(t+1) = t/(t+1)$ makes the slow learner the plain *average* of the fast
+# iterates until $t/(t+1)$ reaches $\lambda$ (at $t = 99$ for $\lambda = 0.99$); from then on it is
+# an EMA with a memory of about $1/(1-\lambda) = 100$ steps. The training loss, from the second task
+# on, is ER's replayed cross-entropy plus a consistency term that pulls the fast learner's hidden
+# states $h^l$ (after every block $l$) towards the slow learner's on the replayed examples:
+#
+# $$L = \tfrac12\big[\mathrm{CE}(X_{cur};\theta_f) + \mathrm{CE}(X_{rep};\theta_f)\big]
+#   + \gamma\,\frac{1}{C}\sum_l \sum_{n\in X_{rep}} \big\|h_f^l[n] - h_s^l[n]\big\|^2 .$$
+#
+# The schedule first, then three invariants checked on the real layers:
+#
+# * $\lambda = 0$: $a_t = 0$, so slow = fast after every step, **bit for bit**;
+# * $\lambda = 1$ with warm-up: slow = the arithmetic mean of all fast iterates so far;
+# * $\lambda = 1$ without warm-up (`ema_warmup=False`): the slow learner never moves, and since it
+#   started with $B_s = 0$ its logits are the base model's, bit for bit.
+
+# %%
+lam = 0.99
+for t in (0, 1, 2, 9, 98, 99, 100, 1000):
+    print(f"t = {t:4d}: a_t = min(1 − 1/(t+1), λ) = {min(1 - 1 / (t + 1), lam):.4f}")
+
+
+def run_ilora_steps(n, **overrides):
+    """n steps of I-LoRA on task 1 (no replay there); returns the method and the fast factors after each step."""
+    method = build_method("ilora", config, overrides)
+    method.attach(copy.deepcopy(base), seed=0)
+    params = method.trainable_parameters()
+    opt = Adam(params, lr=config.lr)
+    method.before_task(0, n, opt)
+    rng, fast_iterates = np.random.default_rng(3), []
+    for step in range(n):
+        x, y, mask = tasks[0].batch(config.batch_size, rng)
+        loss = method.loss(x, y, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step, opt)
+        fast_iterates.append([(ly.lora_A.data.copy(), ly.lora_B.data.copy()) for ly in method.layers()])
+        if overrides.get("ema_lambda") == 0.0:  # slow = fast after *every* step
+            assert all(np.array_equal(ly.lora_A_slow.data, ly.lora_A.data) and
+                       np.array_equal(ly.lora_B_slow.data, ly.lora_B.data) for ly in method.layers())
+    return method, fast_iterates
+
+
+n = 5
+ilora0, _ = run_ilora_steps(n, ema_lambda=0.0)
+print(f"λ = 0: slow = fast, bit-identical, after each of {n} steps; learners {ilora0.learners()}")
+
+ilora1, iterates = run_ilora_steps(n, ema_lambda=1.0)
+err = max(np.abs(layer.lora_B_slow.data - np.mean([it[i][1] for it in iterates], 0)).max()
+          for i, layer in enumerate(ilora1.layers()))
+print(f"λ = 1 with warm-up: max |B_s − mean of the {n} fast B iterates| = {err:.1e}")
+assert err < 1e-6
+
+frozen, _ = run_ilora_steps(n, ema_lambda=1.0, ema_warmup=False)
+x, _, _ = tasks[0].batch(8, np.random.default_rng(9))
+base.eval()
+with no_grad():
+    base_logits = base(x)[0].data
+with frozen.evaluating("slow") as model:
+    slow_logits = model(x)[0].data
+with frozen.evaluating("fast") as model:
+    fast_logits = model(x)[0].data
+print(f"λ = 1 without warm-up: slow logits == base logits: {np.array_equal(slow_logits, base_logits)}; "
+      f"the fast learner moved by {np.abs(fast_logits - base_logits).max():.2f}")
+assert np.array_equal(slow_logits, base_logits) and not np.array_equal(fast_logits, base_logits)
+
+# %% [markdown]
+# `evaluating(learner)` is how the runner (and you) pick a learner: inside the block the model runs
+# with that copy's factors, in eval mode, without gradients; on exit the previous learner and mode
+# come back. `learners()` lists the slow one first, because it is the one I-LoRA reports.
+
+# %% [markdown]
+# ## 3. Seq-LoRA, ER and I-LoRA on two tasks
+#
+# Same base, tasks, seed, data order, adapter shape and learning-rate line; only the method differs
+# (`build_method` gives each the scenario's settings). ER adds a 200-example reservoir of past
+# examples and trains on $\tfrac12[\mathrm{CE}(X_{cur}) + \mathrm{CE}(X_{rep})]$; I-LoRA is ER plus the
+# slow learner and the consistency term. The runner evaluates both I-LoRA learners after every task.
+
+# %%
+rows = {}
+for name in ("lora", "er", "ilora"):
+    result = run_continual(build_method(name, config), tasks, config, base, seed=0, progress=False)
+    for learner in result["learners"]:
+        r = result["by_learner"][learner]
+        label = name if learner == "default" else f"{name} ({learner})"
+        rows[label] = (r["acc"], r["bwt"], np.array(r["acc_matrix"]), result["train_s"])
+print(f"{'method':<14} {'ACC':>6} {'BWT':>7}  {'R[0][0]':>8} {'R[1][0]':>8} {'R[1][1]':>8} {'train s':>8}")
+for label, (acc, bwt, R, secs) in rows.items():
+    print(f"{label:<14} {100 * acc:6.1f} {100 * bwt:+7.1f}  {100 * R[0, 0]:8.0f} {100 * R[1, 0]:8.0f} "
+          f"{100 * R[1, 1]:8.0f} {secs:8.0f}")
+for acc, bwt, R, _ in rows.values():
+    assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1)) and np.isclose(bwt, R[1, 0] - R[0, 0])
+
+# %% [markdown]
+# ## 4. What this shows, honestly
+#
+# Replay is what cures the forgetting here. Two full-size runs (seed 0; the numbers moved by a few
+# points between them): Seq-LoRA ACC 48.5–50, BWT −75 to −80 (task 1 fell from 75–80% to 0%); ER ACC
+# 97.5–99.5; I-LoRA ACC 94–98 (slow), 96–98 (fast). Their BWT is even *positive*: replayed `sft`
+# examples keep training task 1 during task 2 (ER 76–82% → 95–99%). The slow learner *lagged* after
+# task 1 (39–43% against the fast learner's 76–79%: it still averages in early iterates) and ended
+# about where the fast one did.
+#
+# Whether the *slow learner* adds anything on top of replay is a different question, and in this
+# repo the answer so far is no. Over 3 seeds of the full scenario A (5 tasks × 800 steps, `python -m
+# tinyslim run continual --seeds 3`): ACC I-LoRA (slow) 87.7 ± 3.1 vs ER 86.9 ± 1.2 vs Seq-LoRA 20.0
+# points, a difference between I-LoRA and ER well inside the seed noise, and the slow learner forgot
+# exactly as much as the fast one. Section 2 says why that is plausible: with λ = 0.99 the slow
+# learner remembers ~100 steps, while a task lasts 800, so by the end of every task it has caught up
+# with the fast learner and both sit at the same point of the line from section 1. Try
+# `ema_lambda=0.999` (`--method-arg ilora.ema_lambda=0.999`) to give it a longer memory.
+
+# %%
+if not FAST:
+    # robust at this size: replay keeps task 1 where sequential fine-tuning loses it
+    assert rows["er"][0] > rows["lora"][0] + 0.2 and rows["ilora (slow)"][0] > rows["lora"][0] + 0.2
+    assert rows["lora"][1] < -0.5  # Seq-LoRA forgot most of task 1
+print("tutorial 05 checks passed")
