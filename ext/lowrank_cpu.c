@@ -594,7 +594,7 @@ static int F(run)(prob_t *p, const real *A, const real *B, const real *in_mask, 
 #pragma omp barrier
         if (!err) {
             if (p->index) {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static) /* fixed item → thread map: dA, dB sum in the same order every run */
                 for (int64_t it = 0; it < nitems; it++) {
                     int64_t e = 0, base = 0; /* item → (expert, chunk), items numbered in segment order */
                     for (;; e++) {
@@ -606,7 +606,7 @@ static int F(run)(prob_t *p, const real *A, const real *B, const real *in_mask, 
                     F(index_chunk)(p, s, order + first, min64(TB, seg[e + 1] - first), e, backward);
                 }
             } else {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static) /* fixed item → thread map: dA, dB sum in the same order every run */
                 for (int64_t it = 0; it < nitems; it++) {
                     const int64_t n0 = it * TB, n1 = min64(N, n0 + TB);
                     if (p->dense) F(dense_block)(p, s, n0, n1, backward);

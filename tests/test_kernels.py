@@ -607,3 +607,26 @@ def test_benchmark_smoke(tmp_path, capsys):
         result = json.loads(out.read_text())
         assert result["rows"] and result["rows"][0]["errors"]["ext"]["y"] < 1e-5
     assert bench.main(["--device", "cuda"]) == 0  # without a GPU: says why, exits 0
+
+
+@pytest.mark.skipif(not kernels.available_backends()["cpu"][0], reason="the C extension is not built")
+@pytest.mark.parametrize("gates", ["index", "dense"])
+def test_cpu_backward_is_bit_identical_run_to_run_on_a_parallel_sized_problem(gates):
+    """Large enough to run on several threads: every thread sums its own dA, dB partials, so the
+    block → thread map must be fixed (schedule(static)), or the float sums change from run to run."""
+    rng = np.random.default_rng(0)
+    N, D, O, r, E = 4096, 256, 256, 8, 4
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    A = rng.standard_normal((E, r, D)).astype(np.float32)
+    B = rng.standard_normal((E, O, r)).astype(np.float32)
+    dy = rng.standard_normal((N, O)).astype(np.float32)
+    g = rng.integers(0, E, N).astype(np.int32) if gates == "index" else rng.random((N, E)).astype(np.float32)
+    before = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(2)
+        runs = [kernels.backward(dy, x, A, B, g, 2.0, backend="cpu") for _ in range(6)]
+    finally:
+        kernels.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0][:3], other[:3]):
+            assert np.array_equal(a, b)
