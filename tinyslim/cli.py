@@ -130,7 +130,8 @@ def cmd_demo(args) -> int:
     prompt = "The return statement"
     out = model.generate(tok.encode(prompt)[None, :], 200, temperature=0.8, top_k=20, rng=np.random.default_rng(0))
     print(f"\nsample (temperature 0.8, top-k 20):\n{tok.decode(out[0])}\n")
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s. The adapter experiments arrive with later issues.")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s. The three worlds run with "
+          "`python -m tinyslim run continual|composition|editing` (minutes each); the full demo report is to come.")
     return 0
 
 
