@@ -113,26 +113,58 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def _base_summary(model, source) -> None:
     from .data import CharTokenizer, PretrainData
     from .train import evaluate_loss, knowledge_recall, next_char_accuracy
 
+    data = PretrainData(block_size=model.config.block_size, seed=0)
+    val = data.val_batches(32, 4)
+    print(f"base model: {source} ({model.num_parameters():,} parameters): held-out pydoc loss "
+          f"{evaluate_loss(model, val):.3f} nats/char, next-char accuracy {next_char_accuracy(model, val):.1%}, "
+          f"held-out-template fact recall {knowledge_recall(model, data.kb, CharTokenizer(), 'heldout'):.1%}")
+
+
+def _run_suite(args, default_name: str, command: str) -> int:
+    """`demo` and `run all`: every world at one size and seed(s) → runs/<name>/report.{md,json} + plots."""
+    from datetime import datetime, timezone
+
+    from . import kernels
+    from .experiments.report import new_run_dir, write_report
+    from .experiments.suite import SCENARIOS, run_suite
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(SCENARIOS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    try:
+        out_dir = new_run_dir(args.runs_dir, args.name, default_name, args.overwrite)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     model, source = base_model(progress=not args.quiet)
-    tok = CharTokenizer()
-    data = PretrainData(block_size=model.config.block_size, seed=0)
-    val = data.val_batches(32, 8)
-    print(f"base model: {source} ({model.num_parameters():,} parameters)")
-    print(f"  validation loss on held-out pydoc documents: {evaluate_loss(model, val):.4f} nats/char")
-    print(f"  next-character accuracy on the same text:    {next_char_accuracy(model, val):.1%}")
-    print(f"  fact recall, trained templates:   {knowledge_recall(model, data.kb, tok, 'train'):.1%}")
-    print(f"  fact recall, held-out templates:  {knowledge_recall(model, data.kb, tok, 'heldout'):.1%}")
-    prompt = "The return statement"
-    out = model.generate(tok.encode(prompt)[None, :], 200, temperature=0.8, top_k=20, rng=np.random.default_rng(0))
-    print(f"\nsample (temperature 0.8, top-k 20):\n{tok.decode(out[0])}\n")
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s. The three worlds run with "
-          "`python -m tinyslim run continual|composition|editing` (minutes each); the full demo report is to come.")
+    _base_summary(model, source)
+    print(f"running {', '.join(scenarios)} at size {args.size!r}, seed(s) {', '.join(map(str, seeds))}; "
+          f"report in {out_dir}/")
+    try:
+        doc = run_suite(model, args.size, seeds, scenarios, progress=not args.quiet, methods=methods)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    doc.update(name=out_dir.name, command=command, base_source=source, backend=kernels.get_backend(),
+               created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    paths = write_report(doc, out_dir, plots=not args.no_plots)
+    text = Path(paths["report.md"]).read_text()
+    print("\n" + "\n".join(line for line in text.splitlines() if not line.startswith(("![", "*Scenario", "*SLIM"))))
+    print(f"\n{len(paths)} files written in {out_dir}/: {', '.join(Path(p).name for p in paths.values())}")
+    print(f"{command} finished in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: every method in the three worlds at a quick size, one seed, with a report."""
+    command = "python -m tinyslim demo" + "".join(f" {a}" for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] \
+        else "python -m tinyslim demo"
+    return _run_suite(args, f"demo-{args.size}" if args.size != "quick" else "demo", command)
 
 
 def cmd_run(args) -> int:
@@ -142,6 +174,13 @@ def cmd_run(args) -> int:
     from .experiments.continual import ContinualConfig, format_results, method_overrides, run_methods
     from .io import CheckpointError, atomic_write_bytes
 
+    if args.scenario == "all":
+        return cmd_run_all(args)
+    suite_only = [flag for flag, value in (("--size", args.size != "quick"), ("--scenarios", args.scenarios),
+                                           ("--no-plots", args.no_plots)) if value]
+    if suite_only:
+        print(f"error: {', '.join(suite_only)} apply to `run all` and `demo` only", file=sys.stderr)
+        return 2
     if args.scenario != "continual":
         return cmd_run_world(args)
     methods = [m.strip() for m in (args.methods or "lora,er,ilora,cola").split(",") if m.strip()]
@@ -180,6 +219,23 @@ def cmd_run(args) -> int:
     atomic_write_bytes(path, json.dumps(doc, indent=1).encode())
     print(f"\nwritten: {path}")
     return 0
+
+
+def cmd_run_all(args) -> int:
+    """`run all`: the demo's suite with several seeds (mean ± std, claims per seed)."""
+    ignored = [flag for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
+                                        ("--rank", args.rank), ("--tasks", args.tasks), ("--n-train", args.n_train),
+                                        ("--n-test", args.n_test), ("--eval-batches", args.eval_batches),
+                                        ("--method-args", args.method_args), ("--set", args.set),
+                                        ("--resume", args.resume), ("--no-fact-recall", args.no_fact_recall)) if value]
+    if ignored:
+        print(f"error: {', '.join(ignored)} do not apply to `run all`, which runs every world at a named --size "
+              "(quick or full); run one scenario to change its settings", file=sys.stderr)
+        return 2
+    seeds = f"seed{args.seed}" if args.seeds == 1 else f"seeds{args.seed}-{args.seed + args.seeds - 1}"
+    command = "python -m tinyslim run all" + "".join(f" {a}" for a in sys.argv[3:]) \
+        if sys.argv[1:3] == ["run", "all"] else "python -m tinyslim run all"
+    return _run_suite(args, f"all-{args.size}-{seeds}", command)
 
 
 def cmd_run_world(args) -> int:
@@ -311,6 +367,15 @@ def _bench(argv: list[str]) -> int:
     return module.main(argv[1:]) or 0
 
 
+def _suite_options(p, default_size: str, prefix: str = "") -> None:
+    from .experiments.suite import SCENARIOS, SIZES
+    p.add_argument("--size", choices=sorted(SIZES), default=default_size,
+                   help=f"{prefix}quick (minutes), full (each scenario's calibrated settings; an hour or more per "
+                   "seed), tiny (seconds, meaningless numbers)")
+    p.add_argument("--scenarios", default=None, help=f"{prefix}comma-separated subset of {','.join(SCENARIOS)}")
+    p.add_argument("--no-plots", action="store_true", help=f"{prefix}skip the PNG plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinyslim",
                                      description="tinyslim: LoRA-family fine-tuning and forgetting, from first principles.")
@@ -345,13 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("demo", help="the main job: base model, then (later) every method in three worlds")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("demo", help="the main job: every method in the three worlds at a quick size, one seed; "
+                       "writes runs/<name>/report.md, report.json and plots")
+    _suite_options(p, default_size="quick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …)")
+    p.add_argument("--methods", default=None, help="scenario A's methods (default: all, with SLIM's ablation rows)")
+    p.add_argument("--name", default=None, help="run directory under --runs-dir (default: demo, demo-2, … "
+                   "whichever is free)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--overwrite", action="store_true", help="replace the run directory given by --name")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A), "
                        "`run composition` (B), `run editing` (C)")
-    p.add_argument("scenario", choices=["continual", "composition", "editing", "compose", "edit"])
+    p.add_argument("scenario", choices=["continual", "composition", "editing", "compose", "edit", "all"],
+                   help="all: every world with a report (as the demo), at --size")
     p.add_argument("--methods", default=None, help="comma-separated method names (continual: default "
                    "lora,er,ilora,cola; composition: lora_sum,nla,mole,mole_nobal; editing: elder,ft_lora)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -378,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continual: go on from the run directory's checkpoints "
                    "(written every 100 steps and at task boundaries), ending as an uninterrupted run would")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _suite_options(p, default_size="quick", prefix="all: ")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("export", help="write a checkpoint in Hugging Face's GPT-2 layout (config.json + safetensors)")

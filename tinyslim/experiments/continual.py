@@ -167,8 +167,11 @@ class GeneralEval:
 
 def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model, seed: int = 0,
                   progress: bool = True, general: GeneralEval | None = None, checkpoint=None,
-                  checkpoint_every: int | None = 100, resume: bool = True) -> dict:
+                  checkpoint_every: int | None = 100, resume: bool = True, diagnose=None) -> dict:
     """Train `method` through `tasks` in order on a copy of `base_model`; return the result dict.
+
+    diagnose: an optional ``fn(method, tasks) -> dict`` called on the trained method after the last
+    task (e.g. SLIM's routing shares); what it returns is stored as result["diagnostics"].
 
     general: a GeneralEval to reuse across runs (it holds the base model's measurements).
     checkpoint: a file path; the run state (the method's state_dict, Adam's state, the position (task, step),
@@ -284,6 +287,7 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
             "general": general_rows[name],
             "general_loss_increase": final["val_loss"] - general.base["val_loss"],
         }
+    diagnostics = _jsonable(diagnose(method, tasks)) if diagnose is not None else None
     wall = elapsed_before + time.perf_counter() - t_start
     return {
         "method": method.name,
@@ -304,6 +308,7 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
         "train_s": wall - eval_s,
         "eval_s": eval_s,
         "config": config.to_dict(),
+        **({"diagnostics": diagnostics} if diagnostics is not None else {}),
     }
 
 
@@ -386,14 +391,19 @@ def _jsonable(value):
 
 def build_method(name: str, config: ContinualConfig, overrides: dict | None = None):
     """make_method(name) with the scenario's shared settings (those fields its config has), then the
-    user's overrides on top (an unknown field there is an error)."""
-    from ..adapters import METHODS, make_method
+    user's overrides on top (an unknown field there is an error). SLIM's ablation rows
+    ("slim-no-identity", "slim-no-yielding", "slim-no-masks", …) are names too."""
+    from ..adapters import METHODS, SLIM_ABLATIONS, make_method, make_slim_ablation
 
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid names are {sorted(METHODS)}")
-    fields = {f.name for f in dataclasses.fields(METHODS[name].config_class)}
+    if name not in METHODS and name not in SLIM_ABLATIONS:
+        raise ValueError(f"unknown method {name!r}; valid names are {sorted(METHODS)} and SLIM's ablation rows "
+                         f"{sorted(set(SLIM_ABLATIONS) - set(METHODS))}")
+    cls = METHODS.get(name) or METHODS["slim"]
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
     shared = {k: v for k, v in config.method_defaults().items() if k in fields}
-    return make_method(name, **{**shared, **(overrides or {})})
+    if name in METHODS:
+        return make_method(name, **{**shared, **(overrides or {})})
+    return make_slim_ablation(name, **{**shared, **(overrides or {})})
 
 
 def method_overrides(specs: list[str], methods: list[str]) -> dict[str, dict]:
@@ -423,9 +433,11 @@ def method_overrides(specs: list[str], methods: list[str]) -> dict[str, dict]:
 
 def run_methods(methods: list[str], config: ContinualConfig, seeds: list[int], base_model,
                 overrides: dict[str, dict] | None = None, progress: bool = True, checkpoint_dir=None,
-                checkpoint_every: int | None = 100, resume: bool = True) -> dict:
+                checkpoint_every: int | None = 100, resume: bool = True, diagnose: dict | None = None) -> dict:
     """Every method on every seed (one shared base measurement); the JSON document of the run:
     config, per-seed results, and the mean ± std summary per method.
+
+    diagnose: {method name: fn(method, tasks) -> dict}, see run_continual.
 
     checkpoint_dir: each (method, seed) run checkpoints to "<dir>/<method>-seed<seed>.safetensors" (see
     run_continual); with `resume`, finished runs are read back and an interrupted one goes on."""
@@ -440,7 +452,8 @@ def run_methods(methods: list[str], config: ContinualConfig, seeds: list[int], b
             method = build_method(name, config, overrides.get(name))
             path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{name}-seed{seed}.safetensors"
             results[name].append(run_continual(method, tasks, config, base_model, seed, progress, general,
-                                               checkpoint=path, checkpoint_every=checkpoint_every, resume=resume))
+                                               checkpoint=path, checkpoint_every=checkpoint_every, resume=resume,
+                                               diagnose=(diagnose or {}).get(name)))
     return {"scenario": "continual", "config": config.to_dict(), "methods": list(methods), "seeds": list(seeds),
             "method_overrides": _jsonable(overrides), "optimizer_reset_per_task": True,
             "base_general": general.base, "results": results,
