@@ -1,6 +1,7 @@
 # tinyslim: two commands do all set-up on a fresh machine.
 #   make test   create .venv, install tinyslim (editable) with its test extras, build the extension, run the suite
 #   make demo   create .venv, install tinyslim (editable), build the extension, run `python -m tinyslim demo`
+#               (every method in the three worlds, one seed: runs/demo/report.md + plots, about 6 minutes on 2 cores)
 # Other targets: make info, make bench, make gpu-check, make clean.
 
 PYTHON ?= python3
@@ -34,8 +35,9 @@ ext: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(VPY) -m pytest -q
 
+# One BLAS thread: the model's matrices are small, and the runs go to one worker process per core.
 demo: $(VENV)/.runtime
-	$(VPY) -m tinyslim demo
+	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(VPY) -m tinyslim demo
 
 info: $(VENV)/.runtime
 	$(VPY) -m tinyslim info

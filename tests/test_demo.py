@@ -35,7 +35,7 @@ def test_demo_writes_the_report_with_every_method(demo_dir):
     assert doc["size"] == "tiny" and doc["seeds"] == [0] and doc["scenarios"] == list(SCENARIOS)
     assert list(doc["continual"]["results"]) == configs["continual_methods"]
     assert set(doc["continual"]["summary"]) == set(configs["continual_methods"])
-    assert set(doc["slim_routing"]) == {"slim", "slim-no-identity", "slim-no-yielding", "slim-no-masks"}
+    assert set(doc["slim_routing"]) == {"slim", "slim-no-identity", "slim-no-yielding", "slim-spec"}
     routing = doc["slim_routing"]["slim"]
     for label, stats in routing["inputs"].items():
         assert len(stats["identity_mass"]) == len(routing["layers"]) > 0
@@ -128,3 +128,23 @@ def test_claims_are_computed_from_the_numbers():
                             ("I-LoRA", 1, "mixed"), ("I-LoRA", 1, "mixed"), ("I-LoRA", 1, "mixed")]
     assert all(v == "not run" for paper, _, v in by_claim if paper in ("COLA", "MoLE", "ELDER"))
     assert len(by_claim) == 11
+
+
+def test_worker_processes_give_the_same_numbers_as_one_process():
+    """Every run is seeded by its own arguments: two workers reproduce the in-process suite exactly."""
+    from tinyslim.cli import base_model
+    from tinyslim.experiments.suite import run_suite
+
+    model = base_model(log=lambda *_: None)[0]
+    kw = dict(size="tiny", seeds=[0], scenarios=("continual", "chain", "editing"), progress=False,
+              log=lambda *_: None, methods=["lora", "slim"])
+    one, two = run_suite(model, workers=1, **kw), run_suite(model, workers=2, **kw)
+
+    def numbers(d):  # everything but the clocks
+        if isinstance(d, dict):
+            return {k: numbers(v) for k, v in d.items()
+                    if not (k.endswith("_s") or k in ("run_seconds", "timings", "workers"))}
+        return [numbers(v) for v in d] if isinstance(d, list) else d
+
+    assert numbers(one) == numbers(two)
+    assert one["continual"]["summary"]["slim"]["acc_matrix"] == two["continual"]["summary"]["slim"]["acc_matrix"]

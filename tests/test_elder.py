@@ -401,3 +401,31 @@ def test_hashed_presets_come_from_the_hash_stream_edit_by_edit():
 def test_elder_and_ft_lora_honour_the_adapter_invariants(over):
     check_adapter_invariants(Elder(n_experts=3, **over))
     assert check_adapter_invariants(FTLoRA(r=4, lora_alpha=4))["merge"] == "ok"
+
+
+def test_router_lr_scale_slows_or_freezes_the_routers_only():
+    """router_lr_scale (the per-edit optimiser, where the paper is silent): the routers step at lr · scale,
+    the experts at lr; 0 keeps the routers at their init, 1 is the spec's single Adam on everything."""
+    rng = np.random.default_rng(0)
+    x, y, mask = edit_batch(rng, F64)
+    runs = {}
+    for scale in (1.0, 0.5, 0.0):
+        method, _ = elder_on(F64, seed=1, n_experts=3, n_iter=3, router_lr_scale=scale)
+        before = [(l.router_weight.data.copy(), l.router_bias.data.copy()) for l in method.layers()]
+        method.edit(x, y, mask)
+        moved = [np.abs(l.router_weight.data - w).max() + np.abs(l.router_bias.data - b).max()
+                 for l, (w, b) in zip(method.layers(), before)]
+        runs[scale] = (method, moved)
+        assert all(np.abs(l.lora_B.data).max() > 0 for l in method.layers())  # the experts train at every scale
+    assert max(runs[0.0][1]) == 0.0
+    assert min(runs[1.0][1]) > 0 and min(runs[0.5][1]) > 0
+    # Adam's step is lr · m̂/√v̂ per group: the first step of the routers is exactly scaled
+    m1, _ = elder_on(F64, seed=1, n_experts=3, n_iter=1)
+    m2, _ = elder_on(F64, seed=1, n_experts=3, n_iter=1, router_lr_scale=0.5)
+    w0 = m1.layers()[0].router_weight.data.copy()
+    m1.edit(x, y, mask)
+    m2.edit(x, y, mask)
+    np.testing.assert_allclose(m2.layers()[0].router_weight.data - w0, 0.5 * (m1.layers()[0].router_weight.data - w0),
+                               rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="router_lr_scale"):
+        ElderConfig(router_lr_scale=-1.0)

@@ -132,8 +132,15 @@ def _run_suite(args, default_name: str, command: str) -> int:
     from .experiments.report import new_run_dir, write_report
     from .experiments.suite import SCENARIOS, run_suite
 
+    from .experiments.jobs import default_workers
+
     seeds = list(range(args.seed, args.seed + args.seeds))
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(SCENARIOS)
+    if args.workers is None:
+        args.workers = default_workers()
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
         out_dir = new_run_dir(args.runs_dir, args.name, default_name, args.overwrite)
@@ -146,7 +153,8 @@ def _run_suite(args, default_name: str, command: str) -> int:
     print(f"running {', '.join(scenarios)} at size {args.size!r}, seed(s) {', '.join(map(str, seeds))}; "
           f"report in {out_dir}/")
     try:
-        doc = run_suite(model, args.size, seeds, scenarios, progress=not args.quiet, methods=methods)
+        doc = run_suite(model, args.size, seeds, scenarios, progress=not args.quiet, methods=methods,
+                        workers=args.workers)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -177,7 +185,7 @@ def cmd_run(args) -> int:
     if args.scenario == "all":
         return cmd_run_all(args)
     suite_only = [flag for flag, value in (("--size", args.size != "quick"), ("--scenarios", args.scenarios),
-                                           ("--no-plots", args.no_plots)) if value]
+                                           ("--no-plots", args.no_plots), ("--workers", args.workers)) if value]
     if suite_only:
         print(f"error: {', '.join(suite_only)} apply to `run all` and `demo` only", file=sys.stderr)
         return 2
@@ -374,6 +382,8 @@ def _suite_options(p, default_size: str, prefix: str = "") -> None:
                    "seed), tiny (seconds, meaningless numbers)")
     p.add_argument("--scenarios", default=None, help=f"{prefix}comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--no-plots", action="store_true", help=f"{prefix}skip the PNG plots")
+    p.add_argument("--workers", type=int, default=None, help=f"{prefix}processes for the independent runs (default: "
+                   "one per core; 1 runs everything in this process, with per-step progress bars)")
 
 
 def build_parser() -> argparse.ArgumentParser:

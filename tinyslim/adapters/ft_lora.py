@@ -51,11 +51,15 @@ class EditingMethod(Method):
             self.config = dataclasses.replace(self.config, target_modules=last_block_targets(model))
         super().attach(model, seed)
         self.after_attach(model)
-        self.optimizer = Adam(self.trainable_parameters(), lr=self.config.lr)  # edit()'s own, reset per edit
+        self.optimizer = Adam(self.param_groups(), lr=self.config.lr)  # edit()'s own, reset per edit
         self.edits_done = 0
 
     def after_attach(self, model) -> None:
         """Set-up that needs the injected layers (ELDER's routers), before the optimizer is made."""
+
+    def param_groups(self) -> list:
+        """What edit()'s Adam trains; a group may carry "lr_scale" (its lr = lr_at(i) · lr_scale)."""
+        return self.trainable_parameters()
 
     def lr_at(self, iteration: int) -> float:
         cfg = self.config
@@ -68,7 +72,8 @@ class EditingMethod(Method):
         self.before_task(self.edits_done, cfg.n_iter, opt)  # resets Adam
         losses = []
         for i in range(cfg.n_iter):
-            opt.lr = self.lr_at(i)
+            for group in opt.param_groups:
+                group["lr"] = self.lr_at(i) * group.get("lr_scale", 1.0)
             loss = self.loss(x, y, mask, rng)
             opt.zero_grad()
             loss.backward()

@@ -37,8 +37,8 @@ from ..optim import Adam, LRScheduler, clip_grad_norm_
 from ..tasks import DEFAULT_TASKS, TASKS, Task, evaluate_task, make_tasks
 from . import metrics
 
-__all__ = ["ContinualConfig", "GeneralEval", "run_continual", "build_method", "run_methods", "method_overrides",
-           "aggregate", "format_results"]
+__all__ = ["ContinualConfig", "GeneralEval", "run_continual", "build_method", "run_methods", "methods_doc",
+           "method_overrides", "aggregate", "format_results"]
 
 
 @dataclass
@@ -454,9 +454,15 @@ def run_methods(methods: list[str], config: ContinualConfig, seeds: list[int], b
             results[name].append(run_continual(method, tasks, config, base_model, seed, progress, general,
                                                checkpoint=path, checkpoint_every=checkpoint_every, resume=resume,
                                                diagnose=(diagnose or {}).get(name)))
-    return {"scenario": "continual", "config": config.to_dict(), "methods": list(methods), "seeds": list(seeds),
+    return methods_doc(config, seeds, overrides, results)
+
+
+def methods_doc(config: ContinualConfig, seeds: list[int], overrides: dict, results: dict[str, list]) -> dict:
+    """The JSON document of a scenario-A run from its per-method, per-seed results (see run_methods)."""
+    first = next(iter(results.values()))[0]
+    return {"scenario": "continual", "config": config.to_dict(), "methods": list(results), "seeds": list(seeds),
             "method_overrides": _jsonable(overrides), "optimizer_reset_per_task": True,
-            "base_general": general.base, "results": results,
+            "base_general": first["base_general"], "results": results,
             "summary": {name: aggregate(runs) for name, runs in results.items()}}
 
 

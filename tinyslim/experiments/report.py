@@ -112,10 +112,17 @@ def render_markdown(doc: dict, plots: dict | None = None) -> str:
            f"Made by `{doc.get('command', 'python -m tinyslim demo')}` on {doc.get('created', '?')}; size "
            f"**{doc['size']}**, seed(s) {', '.join(map(str, seeds))}; base model {doc.get('base_source', '?')}; "
            f"kernel backend {doc.get('backend', '?')}.", "",
-           "Wall time per scenario: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + ".", "",
+           f"Time: {t.get('total (wall)', 0):.0f} s wall on {doc.get('workers', 1)} worker process(es); the runs of each "
+           "scenario took " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total (wall)") +
+           " (summed over its runs).", "",
            "Optimiser state (Adam) is reset at every task boundary for every method. Accuracies are exact match of "
            "the greedy answer, in %. The size \"quick\" trains less than the scenarios' full settings; its numbers "
            "are indicative, and the claims need several seeds (`python -m tinyslim run all --seeds 3`).", ""]
+    if doc.get("method_args"):
+        out += ["Settings beyond the scenario's shared ones (the knobs the papers leave open, tuned on seed 0; "
+                "`tinyslim/experiments/suite.py` records what each setting tried gave): " + "; ".join(
+                    f"{m}: " + ", ".join(f"{k} = {v}" for k, v in args.items()) for m, args in doc["method_args"].items())
+                + ". `slim-spec` is SLIM at methods.md's defaults.", ""]
     if doc.get("size") == "tiny":
         out += ["**Size tiny: a smoke test of the code paths. The numbers below mean nothing.**", ""]
     out += ["## The papers' claims in the toy world", "",

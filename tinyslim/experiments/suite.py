@@ -21,18 +21,39 @@ import time
 
 import numpy as np
 
-from .composition import CompositionConfig, run_composition
-from .continual import ContinualConfig, _jsonable, build_method, run_continual, run_methods
+from ..tasks import make_tasks
 from . import metrics
+from .composition import CompositionConfig, run_composition
+from .continual import ContinualConfig, GeneralEval, _jsonable, build_method, methods_doc, run_continual
 from .editing import EditingConfig, run_editing
+from .jobs import Job, run_jobs
 
-__all__ = ["SIZES", "SCENARIOS", "suite_configs", "run_suite", "run_chain_study", "slim_routing_shares"]
+__all__ = ["SIZES", "SCENARIOS", "suite_configs", "run_suite", "slim_routing_shares", "editing_headline"]
 
 SCENARIOS = ("continual", "chain", "composition", "editing")
 
-# scenario A's rows: the methods, then SLIM's ablation rows (methods.md §7.3)
+# scenario A's rows: the methods, then SLIM's ablation rows (methods.md §7.3) and SLIM at the spec's defaults
 CONTINUAL_METHODS = ("lora", "er", "ilora", "cola", "moe_lora", "slim",
-                     "slim-no-identity", "slim-no-yielding", "slim-no-masks")
+                     "slim-no-identity", "slim-no-yielding", "slim-spec")
+
+# SLIM in the toy world: the knobs the paper leaves open (methods.md §2.9: γ, the L1 coefficient, the drop
+# ratio p), tuned on seed 0 at the quick size (rev, cap, sft × 600 steps; "learned" = mean accuracy right after
+# each task, "agree" = top-1 agreement with the base on pydoc text after the last task; Seq-LoRA: 99.8 / 1.7):
+#   γ    L1      p     learned  agree
+#   1    1e-3    0.3     17.8    26    the spec's defaults (800 steps); the L1 sum over ~250k factor entries is
+#                                      ~6 nats at init and swamps the task loss
+#   1    1e-3    0.1      0.3    41
+#   1    1e-3    0        7.3    33
+#   1    0       0.3      1.7    37    the masks alone stop learning ...
+#   0.5  1e-5    0.05    39.3     7    ... even at p = 0.05
+#   1    1e-5    0       62.0    67
+#   1    0       0       86.3    39
+#   0.5  1e-5    0       96.3     6
+#   0.5  0       0       95.3    16    ← within 5 points of Seq-LoRA's learned accuracy: chosen
+#   0    0       0      100.0     3    (no yielding)
+#   multiplicative yielding, γ 0.1, L1 1e-5, p 0 / 0.05: 98.7 / 92.3 learned, 4 / 3 agree
+TOY_SLIM = dict(gamma=0.5, l1_coef=0.0, drop_p=0.0)
+METHOD_ARGS = {"slim": TOY_SLIM, "slim-no-identity": TOY_SLIM, "slim-no-yielding": TOY_SLIM}
 
 SIZES = {
     # Calibrated on the shipped base (seed 0, one BLAS thread): 3 tasks × 600 steps, Seq-LoRA learns each
@@ -110,28 +131,51 @@ def _routing_mean(diagnostics: list[dict]) -> dict:
     return out
 
 
-# ---- COLA's single-task study ----------------------------------------------------------------------------
+# ---- the runs, one job each (module-level, so that worker processes can import them) ----------------------
 
-def run_chain_study(chain: dict, base_model, seeds: list[int], progress: bool = True) -> dict:
-    """COLA with m = 1, 2, 3 links on one task at one small rank and one step budget (m = 1 is plain LoRA):
+_GENERAL: dict = {}  # the base model's general-capability measurement, once per process and setting
+
+
+def _general(base_model, config: ContinualConfig) -> GeneralEval:
+    key = (id(base_model), config.eval_batches, config.eval_batch_size, config.fact_recall)
+    if key not in _GENERAL:
+        _GENERAL[key] = GeneralEval(base_model, config)
+    return _GENERAL[key]
+
+
+def continual_job(base_model, name: str, config: ContinualConfig, seed: int, overrides: dict | None,
+                  routing: bool, progress: bool) -> dict:
+    """Scenario A for one method and seed (+ SLIM's routing shares when `routing`)."""
+    tasks = make_tasks(config.tasks, seed, config.n_train, config.n_test)
+    method = build_method(name, config, overrides)
+    return run_continual(method, tasks, config, base_model, seed, progress, _general(base_model, config),
+                         diagnose=slim_routing_shares if routing else None)
+
+
+def chain_config(chain: dict) -> ContinualConfig:
+    """COLA's single-task study as a one-task scenario A: the rank under test, α = 2·rank (s = 2)."""
+    return ContinualConfig(tasks=(chain["task"],), steps=chain["steps"], batch_size=chain["batch_size"],
+                           lr=chain["lr"], rank=chain["rank"], lora_alpha=2.0 * chain["rank"],
+                           n_train=chain["n_train"], n_test=chain["n_test"], eval_batches=1,
+                           eval_batch_size=4, fact_recall=False)
+
+
+def chain_job(base_model, chain: dict, links: int, seed: int, progress: bool) -> dict:
+    """COLA with `links` links on one task at one small rank and one step budget (m = 1 is plain LoRA):
     exact match on the test split and the final training loss (mean of the last tenth of steps)."""
-    from ..tasks import make_tasks
+    config = chain_config(chain)
+    tasks = make_tasks(config.tasks, seed, config.n_train, config.n_test)
+    r = run_continual(build_method("cola", config, {"chain_len": links}), tasks, config, base_model, seed, progress,
+                      _general(base_model, config))
+    return {"seed": seed, "acc": r["acc"], "final_loss": r["train_log"][0]["final_loss"], "wall_s": r["wall_s"]}
 
-    config = ContinualConfig(tasks=(chain["task"],), steps=chain["steps"], batch_size=chain["batch_size"],
-                             lr=chain["lr"], rank=chain["rank"], lora_alpha=2.0 * chain["rank"],
-                             n_train=chain["n_train"], n_test=chain["n_test"], eval_batches=1,
-                             eval_batch_size=4, fact_recall=False)
-    rows = {}
-    for m in chain["links"]:
-        runs = []
-        for seed in seeds:
-            tasks = make_tasks(config.tasks, seed, config.n_train, config.n_test)
-            method = build_method("cola", config, {"chain_len": m})
-            r = run_continual(method, tasks, config, base_model, seed, progress=progress)
-            runs.append({"seed": seed, "acc": r["acc"], "final_loss": r["train_log"][0]["final_loss"],
-                         "wall_s": r["wall_s"]})
-        rows[str(m)] = {"runs": runs, **{k: metrics.mean_std([r[k] for r in runs]) for k in ("acc", "final_loss")}}
-    return {"config": _jsonable(chain), "seeds": list(seeds), "rows": rows}
+
+def composition_job(base_model, config: CompositionConfig, seed: int, progress: bool) -> dict:
+    return run_composition(config, base_model, seed, progress)
+
+
+def editing_job(base_model, config: EditingConfig, seed: int, progress: bool) -> dict:
+    return run_editing(config, base_model, seed, progress)
 
 
 # ---- the suite -------------------------------------------------------------------------------------------
@@ -175,9 +219,11 @@ def _editing_summary(runs: list[dict]) -> dict:
 
 
 def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, progress: bool = True,
-              log=print, methods: list[str] | None = None) -> dict:
+              log=print, methods: list[str] | None = None, workers: int = 1) -> dict:
     """Every scenario in `scenarios` for every seed; the report's data (see the module docstring).
-    `methods` replaces scenario A's method list."""
+    `methods` replaces scenario A's method list. `workers` > 1 runs the independent runs (a method and
+    seed of scenario A, a chain length and seed, a seed of B or C) on that many processes (jobs.py):
+    the same results, about `workers` times sooner on as many cores."""
     from ..adapters import SLIM_ABLATIONS
 
     unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -190,34 +236,49 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
     continual_methods = list(methods) if methods else configs["continual_methods"]
     for name in continual_methods:  # fail on a bad name before any training
         build_method(name, configs["continual"])
+    slim_like = [m for m in continual_methods if m == "slim" or m in SLIM_ABLATIONS and m != "moe_lora"]
+    overrides = {m: METHOD_ARGS[m] for m in continual_methods if m in METHOD_ARGS}
+    inline = progress and workers == 1  # per-step progress bars only when the runs are in this process
+    chain = configs["chain"]
+
+    # the longest runs first, so that the last worker to finish is not left with a long one
+    jobs = [Job(f"composition seed {seed}", composition_job, (configs["composition"], seed, inline))
+            for seed in seeds if "composition" in scenarios]
+    jobs += [Job(f"continual {m} seed {seed}", continual_job,
+                 (m, configs["continual"], seed, overrides.get(m), m in slim_like, inline))
+             for seed in seeds for m in continual_methods if "continual" in scenarios]
+    jobs += [Job(f"editing seed {seed}", editing_job, (configs["editing"], seed, inline))
+             for seed in seeds if "editing" in scenarios]
+    jobs += [Job(f"chain m={m} seed {seed}", chain_job, (chain, m, seed, inline))
+             for seed in seeds for m in chain["links"] if "chain" in scenarios]
+    if workers > 1:
+        jobs.sort(key=lambda j: j.label.startswith(("composition", "continual")), reverse=True)  # stable
+    log(f"{len(jobs)} runs on {min(workers, len(jobs))} worker(s)")
     t_suite = time.perf_counter()
-    doc = {"size": size, "seeds": seeds, "scenarios": list(scenarios), "timings": {}}
+    results, seconds = run_jobs(jobs, base_model, workers, log, progress)
 
-    def stage(name, fn):
-        log(f"\n== {name} (seeds {', '.join(map(str, seeds))}) ==")
-        t0 = time.perf_counter()
-        doc[name] = fn()
-        doc["timings"][name] = time.perf_counter() - t0
-        log(f"== {name}: {doc['timings'][name]:.0f} s ==")
-
+    doc = {"size": size, "seeds": seeds, "scenarios": list(scenarios), "workers": workers,
+           "run_seconds": seconds, "timings": {}}
+    for scenario in SCENARIOS:  # the seconds of each scenario's runs, summed (on one worker: its wall time)
+        if scenario in scenarios:
+            doc["timings"][scenario] = sum(v for k, v in seconds.items() if k.startswith(scenario))
     if "continual" in scenarios:
-        slim_like = [m for m in continual_methods if m == "slim" or m in SLIM_ABLATIONS and m != "moe_lora"]
-        diagnose = {m: slim_routing_shares for m in slim_like}
-        stage("continual", lambda: run_methods(continual_methods, configs["continual"], seeds, base_model,
-                                               progress=progress, diagnose=diagnose))
-        routing = {m: _routing_mean([r["diagnostics"] for r in doc["continual"]["results"][m]]) for m in slim_like}
-        doc["slim_routing"] = routing
+        doc["method_args"] = overrides
+        per_method = {m: [results[f"continual {m} seed {seed}"] for seed in seeds] for m in continual_methods}
+        doc["continual"] = methods_doc(configs["continual"], seeds, overrides, per_method)
+        doc["slim_routing"] = {m: _routing_mean([r["diagnostics"] for r in per_method[m]]) for m in slim_like}
     if "chain" in scenarios:
-        stage("chain", lambda: run_chain_study(configs["chain"], base_model, seeds, progress))
+        rows = {}
+        for m in chain["links"]:
+            runs = [results[f"chain m={m} seed {seed}"] for seed in seeds]
+            rows[str(m)] = {"runs": runs, **{k: metrics.mean_std([r[k] for r in runs]) for k in ("acc", "final_loss")}}
+        doc["chain"] = {"config": _jsonable(chain), "seeds": seeds, "rows": rows}
     if "composition" in scenarios:
-        def composition():
-            runs = [run_composition(configs["composition"], base_model, seed, progress) for seed in seeds]
-            return {"config": configs["composition"].to_dict(), "runs": runs, "summary": _composition_summary(runs)}
-        stage("composition", composition)
+        runs = [results[f"composition seed {seed}"] for seed in seeds]
+        doc["composition"] = {"config": configs["composition"].to_dict(), "runs": runs,
+                              "summary": _composition_summary(runs)}
     if "editing" in scenarios:
-        def editing():
-            runs = [run_editing(configs["editing"], base_model, seed, progress) for seed in seeds]
-            return {"config": configs["editing"].to_dict(), "runs": runs, "summary": _editing_summary(runs)}
-        stage("editing", editing)
-    doc["timings"]["total"] = time.perf_counter() - t_suite
+        runs = [results[f"editing seed {seed}"] for seed in seeds]
+        doc["editing"] = {"config": configs["editing"].to_dict(), "runs": runs, "summary": _editing_summary(runs)}
+    doc["timings"]["total (wall)"] = time.perf_counter() - t_suite
     return _jsonable(doc)
