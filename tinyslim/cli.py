@@ -129,7 +129,7 @@ def _run_suite(args, default_name: str, command: str) -> int:
     from datetime import datetime, timezone
 
     from . import kernels
-    from .experiments.report import new_run_dir, write_report
+    from .experiments.report import new_run_dir, render_markdown, write_report
     from .experiments.suite import SCENARIOS, run_suite
 
     from .experiments.jobs import default_workers
@@ -161,8 +161,7 @@ def _run_suite(args, default_name: str, command: str) -> int:
     doc.update(name=out_dir.name, command=command, base_source=source, backend=kernels.get_backend(),
                created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     paths = write_report(doc, out_dir, plots=not args.no_plots)
-    text = Path(paths["report.md"]).read_text()
-    print("\n" + "\n".join(line for line in text.splitlines() if not line.startswith(("![", "*Scenario", "*SLIM"))))
+    print("\n" + render_markdown(doc, terminal=True))
     print(f"\n{len(paths)} files written in {out_dir}/: {', '.join(Path(p).name for p in paths.values())}")
     print(f"{command} finished in {time.perf_counter() - t0:.0f} s")
     return 0
@@ -438,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", choices=["continual", "composition", "editing", "compose", "edit", "all"],
                    help="all: every world with a report (as the demo), at --size")
     p.add_argument("--methods", default=None, help="comma-separated method names (continual: default "
-                   "lora,er,ilora,cola; composition: lora_sum,nla,mole,mole_nobal; editing: elder,ft_lora)")
+                   "lora,er,ilora,cola; composition: lora_sum,nla,mole,mole_nobal; editing: elder,ft_lora,grace)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …); mean ± std over them")
     p.add_argument("--tasks", default=None, help="comma-separated task tags in training order "

@@ -488,15 +488,16 @@ def format_results(summary: dict[str, dict], tasks: list[str], base: dict) -> st
         return fmt.format(m * scale) + (f"±{fmt.format(sd * scale)}" if several else "")
 
     several = any(s["n_seeds"] > 1 for s in summary.values())
+    w = max(8, *(len(name) for name in summary))  # the method column fits the longest name
     lines = [f"base model: pydoc val loss {base['val_loss']:.3f} nats/char, next-char acc "
              f"{base['next_char_acc']:.1%}" + (f", fact recall {base['fact_recall']:.1%}" if "fact_recall" in base else ""),
              "ACC, BWT, learned (mean diagonal) in points; val loss, next-char acc, agreement with the base and "
              "fact recall after the last task; Adam state reset at every task boundary",
-             f"{'method':<8} {'ACC':>11} {'BWT':>12} {'learned':>11} {'val loss':>11} {'next-char':>10} "
+             f"{'method':<{w}} {'ACC':>11} {'BWT':>12} {'learned':>11} {'val loss':>11} {'next-char':>10} "
              f"{'agree':>10} {'facts':>10} {'params':>8} {'time s':>8}"]
     for name, s in summary.items():
         facts = ms(s["fact_recall"], 100) if "fact_recall" in s else "-"
-        lines.append(f"{name:<8} {ms(s['acc'], 100):>11} {ms(s['bwt'], 100):>12} {ms(s['learning_acc'], 100):>11} "
+        lines.append(f"{name:<{w}} {ms(s['acc'], 100):>11} {ms(s['bwt'], 100):>12} {ms(s['learning_acc'], 100):>11} "
                      f"{ms(s['val_loss'], fmt='{:.2f}'):>11} {ms(s['next_char_acc'], 100):>10} "
                      f"{ms(s['agreement'], 100):>10} {facts:>10} {s['trainable_params']:>8,} "
                      f"{ms(s['wall_s'], fmt='{:.0f}'):>8}")

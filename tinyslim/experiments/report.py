@@ -18,7 +18,8 @@ from .composition import format_composition
 from .continual import format_results
 from .editing import format_editing
 
-__all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_seed_summary"]
+__all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_seed_summary",
+           "format_claims_text"]
 
 
 def new_run_dir(runs_dir, name: str | None, default: str, overwrite: bool = False) -> Path:
@@ -103,9 +104,23 @@ PLOT_CAPTIONS = {
 }
 
 
-def render_markdown(doc: dict, plots: dict | None = None) -> str:
-    """report.md: how it was made, the claims, every table, the plots."""
-    plots = plots or {}
+def format_claims_text(claims: list[dict]) -> str:
+    """The claims for a terminal: one block per claim, wrapped, instead of a wide Markdown table."""
+    import textwrap
+
+    lines = []
+    for c in claims:
+        verdict = f"{c['verdict'].upper()} ({c['held']}/{c['n_seeds']} seeds)"
+        lines.append(f"{c['paper']:<7} {verdict:<22} {c['claim']}")
+        for label, text in (("test", c["test"]), ("toy", c["toy"])):
+            lines += textwrap.wrap(text, 100, initial_indent=f"{'':8}{label}: ", subsequent_indent=" " * 14)
+    return "\n".join(lines)
+
+
+def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False) -> str:
+    """report.md: how it was made, the claims, every table, the plots. terminal=True: for printing (the
+    claims as wrapped text, no image links)."""
+    plots = {} if terminal else (plots or {})
     seeds = doc["seeds"]
     t = doc["timings"]
     out = [f"# tinyslim report: {doc.get('name', 'run')}", "",
@@ -127,7 +142,8 @@ def render_markdown(doc: dict, plots: dict | None = None) -> str:
         out += ["**Size tiny: a smoke test of the code paths. The numbers below mean nothing.**", ""]
     out += ["## The papers' claims in the toy world", "",
             "A claim *holds* on a seed when the strict ordering in \"toy test\" holds on that seed; a tie does not "
-            "hold.", "", _claims_table(doc["claims"]), ""]
+            "hold.", "", "```\n" + format_claims_text(doc["claims"]) + "\n```" if terminal else
+            _claims_table(doc["claims"]), ""]
     sections = [
         ("continual", "Scenario A: continual fine-tuning", lambda c: format_results(
             c["summary"], list(c["config"]["tasks"]), c["base_general"]), ("accuracy_matrices", "forgetting_curves",
