@@ -127,7 +127,7 @@ def test_claims_are_computed_from_the_numbers():
                             ("SLIM", 1, "mixed"),  # seed 1: no-identity agrees more than SLIM
                             ("I-LoRA", 1, "mixed"), ("I-LoRA", 1, "mixed"), ("I-LoRA", 1, "mixed")]
     assert all(v == "not run" for paper, _, v in by_claim if paper in ("COLA", "MoLE", "ELDER"))
-    assert len(by_claim) == 11
+    assert len(by_claim) == 12
 
 
 def test_worker_processes_give_the_same_numbers_as_one_process():

@@ -66,7 +66,11 @@ def test_the_result_is_well_formed_and_in_range(result):
     assert doc["config"]["stream_lengths"] == [2, 3]
     keys = ("reliability", "reliability_tokens", "generality", "generality_tokens", "first2_reliability",
             "locality", "locality_text", "locality_facts", "leak", "leak_last")
-    rows = [doc["results"]["ft_lora"]["by_T"][T] for T in ("2", "3")]
+    rows = [doc["results"][name]["by_T"][T] for name in ("ft_lora", "grace") for T in ("2", "3")]
+    for T in ("2", "3"):  # GRACE: a key per edit (distinct facts), and the edit prompts hit their own keys
+        g = doc["results"]["grace"]["by_T"][T]
+        assert g["n_keys"] == int(T) and g["deferral_rate"]["edit"] == 1.0
+        assert 0 <= g["deferral_rate"]["generality"] <= 1 and 0 <= g["deferral_rate"]["unrelated"] <= 1
     for T in ("2", "3"):
         c = doc["results"]["elder"]["by_T"][T]
         rows += [c["default"], c["calibrated"], c["no_deferral"]]
@@ -83,7 +87,7 @@ def test_the_result_is_well_formed_and_in_range(result):
         for key in keys:
             assert 0 <= m[key] <= 1, key
     assert doc["results"]["elder"]["trainable_params"] > 0 and len(doc["results"]["ft_lora"]["edit_losses"]) == 3
-    assert "elder θ=2 (default)" in format_editing(doc)
+    assert "elder θ=2 (default)" in format_editing(doc) and "grace ε=1 (3 keys)" in format_editing(doc)
 
 
 def test_the_base_model_is_never_changed(result, base):
@@ -114,7 +118,7 @@ def test_the_theta_selection_equals_elders_own_deferral(base):
 
 def test_the_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="unknown"):
-        EditingConfig(methods=("elder", "grace"))
+        EditingConfig(methods=("elder", "rome"))
     with pytest.raises(ValueError, match="stream_lengths"):
         EditingConfig(stream_lengths=(0, 5))
 

@@ -366,7 +366,7 @@ def test_defaults_registry_and_errors():
     ft.attach(random_gpt(GPTConfig(vocab_size=11, block_size=6, n_layer=3, n_head=2, n_embd=8), 0), 0)
     assert ft.adapted == ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc"]  # the last two blocks
     assert ft.config.r == 32 and ft.config.scale == 1.0  # E·r: parameter parity with ELDER's pool
-    assert set(EDIT_METHODS) == {"elder", "ft_lora"}
+    assert set(EDIT_METHODS) == {"elder", "ft_lora", "grace"}
     with pytest.raises(ValueError, match="comes after the first adapted layer"):
         Elder(routing_layer="transformer.h.1.mlp.c_proj").attach(random_gpt(F32, 0), 0)
     with pytest.raises(ValueError, match="not a Linear"):

@@ -8,7 +8,9 @@ exact-rank factors per link, a fresh optimizer at each knot, the linear learning
 §2, §4, §5 and §7.3–7.5, SLIM (a dense-gate mixture after torch.topk, brute-force nearest clusters, the
 EMA statistics, masks, L1 and the Switch balance loss), MoLE / NLA / sum (torch.cat, layer_norm and
 softmax over the explicit branch outputs) and ELDER (per-sequence gates, a per-row loop over the picked
-experts, the edit loop with a fresh Adam per edit, codes and Hamming deferral).
+experts, the edit loop with a fresh Adam per edit, codes and Hamming deferral); and, from §7.5, the
+GRACE-like codebook (a list of keys, radii, targets and one torch Parameter per value, a per-row splice
+of the chosen value at the key position, the key / reuse rule and a fresh Adam on the edit's values).
 Everything is float64. The only things shared with tinyslim are the random numbers, which the
 tests hand over (initial factors, the reservoir and dropout generators, the re-initialisation draws).
 
@@ -667,3 +669,86 @@ def _routing_input(model, ctx, x):
 
 class _Stop(Exception):
     pass
+
+
+# ---- GRACE-like codebook (§7.5) ------------------------------------------------------------------------
+
+class TorchGraceLinear(nn.Module):
+    """base(x), except at each row's key position p: the value of the nearest key (L2 on q = x_p, ties to the
+    newest) when q lies within that key's radius. `ctx` holds "keys" [(D,)], "values" [Parameter (O,)],
+    "radii", "targets", "key_pos" (B,) or None, and while editing "train_slots" (B,) (the slots to use)."""
+
+    def __init__(self, base, ctx):
+        super().__init__()
+        self.base, self.ctx = base, ctx
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):  # x (B, T, D)
+        ctx = self.ctx
+        y = self.base(x)
+        Bsz, T, _ = x.shape
+        pos = np.full(Bsz, T - 1) if ctx.get("key_pos") is None else np.asarray(ctx["key_pos"])
+        q = x.detach()[torch.arange(Bsz), torch.as_tensor(pos)]
+        slots = ctx["train_slots"] if ctx.get("train_slots") is not None else [grace_lookup(ctx, row) for row in q]
+        ctx["q"], ctx["slots"] = q, list(slots)
+        rows = []
+        for b in range(Bsz):
+            if slots[b] < 0:
+                rows.append(y[b])
+            else:  # splice the value in at p
+                p = int(pos[b])
+                rows.append(torch.cat([y[b, :p], ctx["values"][slots[b]][None], y[b, p + 1:]]))
+        return torch.stack(rows)
+
+
+def grace_nearest(ctx, q, among=None):
+    """(j, distance) of the nearest key to q among the slots `among` (default all), ties to the newest; (−1, inf)."""
+    best, best_d = -1, math.inf
+    for j in reversed(range(len(ctx["keys"])) if among is None else sorted(among, reverse=True)):
+        d = float(torch.linalg.norm(q - ctx["keys"][j]))
+        if d < best_d:
+            best, best_d = j, d
+    return best, best_d
+
+
+def grace_lookup(ctx, q):
+    j, d = grace_nearest(ctx, q)
+    return j if j >= 0 and d <= ctx["radii"][j] else -1
+
+
+def run_grace(model, ctx, edits, *, n_iter, lr, eps, key_pos_fn):
+    """§7.5: per edit, per row: a same-target key within eps is reused, else a new key (k = q, radius eps,
+    value = the layer's current output at p); then a fresh Adam over the edit's values for n_iter steps of
+    the target CE. Returns the losses of every step."""
+    layer = ctx["routing_module"]
+    losses = []
+    for x, y, mask in edits:
+        ctx["key_pos"] = pos = key_pos_fn(x, mask)
+        with torch.no_grad():
+            inp = _routing_input(model, ctx, x)
+            q = inp[torch.arange(len(pos)), torch.as_tensor(pos)]
+            y_p = layer.base(q)  # the base layer's output at p
+        slots, seen = [], {}
+        for b in range(len(pos)):
+            target = tuple(int(t) for t in np.asarray(y)[b][np.asarray(mask)[b] != 0])
+            key = (q[b].numpy().tobytes(), target)
+            if key not in seen:
+                same = [j for j, t in enumerate(ctx["targets"]) if t == target]
+                j, d = grace_nearest(ctx, q[b], same) if same else (-1, math.inf)
+                if j < 0 or d > eps:
+                    current = grace_lookup(ctx, q[b])
+                    start = ctx["values"][current].detach().clone() if current >= 0 else y_p[b].clone()
+                    ctx["keys"].append(q[b].clone())
+                    ctx["values"].append(nn.Parameter(start))
+                    ctx["radii"].append(eps)
+                    ctx["targets"].append(target)
+                    j = len(ctx["keys"]) - 1
+                seen[key] = j
+            slots.append(seen[key])
+        ctx["train_slots"] = slots
+        params = [ctx["values"][j] for j in sorted(set(slots))]
+        losses += adam_loop(params, n_iter, lr, lambda i, x=x, y=y, mask=mask:
+                            masked_ce(forward_hidden(model, x)[0], y, mask))
+        ctx["train_slots"] = ctx["key_pos"] = None
+    return losses

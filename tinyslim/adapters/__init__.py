@@ -7,7 +7,7 @@ baselines, each behind the ``Method`` contract of base.py (attach → before_tas
                                                  # "moe_lora" (scenario A: make_method(name) is enough)
 
 Methods that need more than a config to exist are registered apart: COMPOSITION_METHODS ("mole",
-"nla", "lora_sum": built from trained source LoRAs) and EDIT_METHODS ("elder", "ft_lora": trained
+"nla", "lora_sum": built from trained source LoRAs) and EDIT_METHODS ("elder", "ft_lora", "grace": trained
 edit by edit with ``method.edit(x, y, mask)``).
 """
 from .base import (AdaptedLinear, Method, Streams, adapted_layers, adapter_state_dict, disable_adapters,
@@ -17,6 +17,7 @@ from .baselines import ER, ERConfig, SeqLoRA, SeqLoraConfig
 from .chain import COLA, ColaConfig
 from .elder import Elder, ElderConfig, ElderLinear, key_positions
 from .ft_lora import EditingMethod, FTLoRA, FTLoraConfig
+from .grace import Grace, GraceConfig, GraceLinear
 from .ilora import ILoRA, ILoraConfig, ILoraLinear
 from .lora import LoraConfig, LoraLinear, lora_scale
 from .merging import NLA, CompositionConfig, LoraPoolLinear, LoraSum, MergedLoraLinear, sources_from_methods
@@ -28,7 +29,7 @@ from .slim import SLIM, SlimConfig, SlimLinear, make_slim_ablation
 
 METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA, SLIM, MoELoRA)}
 COMPOSITION_METHODS = {cls.name: cls for cls in (Mole, NLA, LoraSum)}
-EDIT_METHODS = {cls.name: cls for cls in (Elder, FTLoRA)}
+EDIT_METHODS = {cls.name: cls for cls in (Elder, FTLoRA, Grace)}
 
 
 def make_method(name: str, **overrides) -> Method:
@@ -46,4 +47,5 @@ __all__ = ["METHODS", "make_method", "Method", "AdaptedLinear", "Streams", "stre
            "SlimConfig", "SlimLinear", "SLIM", "SLIM_ABLATIONS", "make_slim_ablation", "MoeLoraConfig", "MoELoRA",
            "COMPOSITION_METHODS", "MoleConfig", "MoleLinear", "Mole", "CompositionConfig", "LoraPoolLinear",
            "MergedLoraLinear", "NLA", "LoraSum", "sources_from_methods",
-           "EDIT_METHODS", "ElderConfig", "ElderLinear", "Elder", "key_positions", "FTLoraConfig", "FTLoRA", "EditingMethod"]
+           "EDIT_METHODS", "ElderConfig", "ElderLinear", "Elder", "key_positions", "FTLoraConfig", "FTLoRA", "EditingMethod",
+           "GraceConfig", "GraceLinear", "Grace"]

@@ -181,11 +181,15 @@ def _elder_claims(doc) -> list[dict]:
         ("ELDER generalises edits better than FT-LoRA at comparable reliability",
          "at the longest stream: generality(ELDER) > generality(FT-LoRA) and reliability(ELDER) ≥ "
          "reliability(FT-LoRA) − 0.1"),
+        ("a GRACE-like codebook keeps unrelated prompts unchanged, unlike FT-LoRA (the spec's toy target: "
+         "locality ELDER ≈ GRACE-like ≈ 1 ≫ FT-LoRA)",
+         "at the longest stream: locality(GRACE-like) ≥ 0.95 and > locality(FT-LoRA)"),
         ("FT-LoRA's reliability on early edits decays as the stream grows (the baseline's failure)",
          "FT-LoRA first-k reliability after the longest stream < after the shortest"),
     ]
     if not edit or not {"elder", "ft_lora"} <= set(edit["runs"][0]["results"]):
         return [_not_run(paper, c, numbers, t, "scenario C without elder and ft_lora") for c, t in specs]
+    has_grace = "grace" in edit["runs"][0]["results"]
     runs = edit["runs"]
     Ts = sorted(runs[0]["results"]["elder"]["by_T"], key=int)
     k = runs[0]["config"]["first_k"]
@@ -210,6 +214,16 @@ def _elder_claims(doc) -> list[dict]:
              f"{mean(f, f'first{k}_reliability'):.2f} after {Ts[-1]}",
              [] if len(Ts) < 2 else [b[f"first{k}_reliability"] < a[f"first{k}_reliability"] for a, b in zip(f0, f)]),
     ]
+    if not has_grace:
+        out.append(_not_run(paper, specs[3][0], "(GRACE: Hartvigsen et al., arXiv 2211.11031)", specs[3][1],
+                            "scenario C without grace"))
+    else:
+        g = [editing_headline(r, "grace", Ts[-1]) for r in runs]
+        out.append(_row(paper, specs[3][0], "(GRACE: Hartvigsen et al., arXiv 2211.11031)", specs[3][1],
+                        f"T = {Ts[-1]}: locality GRACE-like {mean(g, 'locality'):.2f} (reliability "
+                        f"{mean(g, 'reliability'):.2f}, generality {mean(g, 'generality'):.2f}) vs FT-LoRA "
+                        f"{mean(f, 'locality'):.2f}",
+                        [a["locality"] >= 0.95 and a["locality"] > b["locality"] for a, b in zip(g, f)]))
     return out
 
 

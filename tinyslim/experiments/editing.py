@@ -1,4 +1,4 @@
-"""Scenario C: lifelong editing — a stream of fact edits, ELDER against FT-LoRA.
+"""Scenario C: lifelong editing — a stream of fact edits, ELDER against FT-LoRA and a GRACE-like codebook.
 
 The world is the base model's knowledge corpus (``data.KnowledgeBase``, seed 0: 100 entities, 20
 cities, 4 paraphrase templates). ``run_editing`` builds one stream of T_max edits for the run's seed:
@@ -24,7 +24,8 @@ edits, for every T in ``stream_lengths`` (the stream is shared, so T = 10 is a p
                   the greedy answer unchanged); ``locality`` pools both, per prompt
     leak          untouched-fact prompts whose greedy answer changed from the base's to a city that some
                   edit so far set (and ``leak_last``: to the latest edit's city)
-    deferral      ELDER's mean z on edit prompts, generality prompts and unrelated prompts
+    deferral      ELDER's mean z on edit prompts, generality prompts and unrelated prompts; for GRACE the same
+                  slot holds the share of prompts whose query falls within a key's radius (the rest are the base)
 
 ELDER's deferral is a per-sequence switch (z = 0 rows are the base model bit for bit, and q, hence
 z, depends only on the prompt), so one forward with deferral off plus the base model's own forward
@@ -39,6 +40,7 @@ Shape legend: B prompts, T time.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -54,23 +56,25 @@ from .continual import _jsonable
 
 __all__ = ["EditingConfig", "EDITORS", "make_edit_stream", "run_editing", "format_editing"]
 
-EDITORS = ("elder", "ft_lora")
+EDITORS = ("elder", "ft_lora", "grace")
 
 
 @dataclass
 class EditingConfig:
-    """Settings of scenario C (one seed, T = 10 and 50, both methods: about 20 s on 2 shared cores with
-    OPENBLAS_NUM_THREADS=1; T up to 100: about 35 s). The per-edit budget is the spec's (30 Adam steps at 1e-2, reset per edit) for
-    both methods; ELDER's pool (E = 8 rank-4 experts on mlp.c_fc of the last 2 blocks, k = 2) and
-    FT-LoRA's parity rank 32 are the adapters' defaults. Extra per-method fields: ``elder`` / ``ft_lora``."""
+    """Settings of scenario C (one seed, T = 10 and 50, ELDER and FT-LoRA: about 20 s on 2 shared cores with
+    OPENBLAS_NUM_THREADS=1; T up to 100: about 35 s). The per-edit budget is the spec's (30 Adam steps at 1e-2, reset
+    per edit) for every method; ELDER's pool (E = 8 rank-4 experts on mlp.c_fc of the last 2 blocks, k = 2),
+    FT-LoRA's parity rank 32 and GRACE's codebook (at ELDER's routing layer, ε = 1) are the adapters' defaults.
+    Extra per-method fields: ``elder`` / ``ft_lora`` / ``grace``."""
 
     stream_lengths: tuple[int, ...] = (10, 50)
     methods: tuple[str, ...] = EDITORS
     new_entity_fraction: float = 0.5  # the rest are counterfactual edits of seen entities
-    n_iter: int = 30  # optimisation steps per edit (both methods)
-    lr: float = 1e-2  # Adam, reset per edit (both methods)
+    n_iter: int = 30  # optimisation steps per edit (every method)
+    lr: float = 1e-2  # Adam, reset per edit (every method)
     elder: dict = field(default_factory=dict)  # ElderConfig overrides, e.g. {"guide_coef": 0.5}
     ft_lora: dict = field(default_factory=dict)  # FTLoraConfig overrides, e.g. {"r": 4, "lora_alpha": 4}
+    grace: dict = field(default_factory=dict)  # GraceConfig overrides, e.g. {"epsilon": 2.0}
     first_k: int = 10  # the early edits whose reliability is tracked after the stream
     n_locality_entities: int = 30  # untouched seen entities for locality and leak (all 4 templates)
     n_calib_entities: int = 15  # other untouched entities: the unrelated half of θ's calibration set
@@ -167,48 +171,54 @@ def _fact_rows(entities, city_of) -> list:
 # ---- predictions ------------------------------------------------------------------------------------
 
 class Predictor:
-    """Argmax predictions (teacher forced) and greedy answers of one model state, optionally with
-    ELDER's routing: ``on`` predictions with deferral off, plus each row's min-Hamming distance."""
+    """Argmax predictions (teacher forced) and greedy answers of one model state, optionally through an
+    editor that routes from each row's key token (``router``): ELDER, with deferral off, plus each row's
+    min-Hamming distance; or GRACE, its codebook as it is, plus whether each row's query hit a key."""
 
-    def __init__(self, model, elder=None):
-        self.model, self.elder = model, elder
+    def __init__(self, model, router=None):
+        self.model, self.router = model, router
         self.tok = CharTokenizer()
 
+    @contextlib.contextmanager
+    def _always_routed(self):
+        """ELDER: z ≡ 1, the routed mixture on every row (the θ sweep picks per row afterwards)."""
+        cfg = self.router.config
+        previous = getattr(cfg, "deferral", None)
+        if previous is not None:
+            cfg.deferral = False
+        try:
+            yield
+        finally:
+            if previous is not None:
+                cfg.deferral = previous
+
     def forward(self, x, key_pos):
-        if self.elder is None:
+        if self.router is None:
             was = self.model.training
             self.model.eval()
             with no_grad():
                 logits, _ = self.model(x)
             self.model.train(was)
             return logits.data.argmax(-1), None
-        cfg = self.elder.config
-        previous, cfg.deferral = cfg.deferral, False  # z ≡ 1: the routed mixture on every row
-        try:
-            out = self.elder.route(x, key_pos)
-        finally:
-            cfg.deferral = previous
-        return out["logits"].argmax(-1), out["min_hamming"]
+        with self._always_routed():
+            out = self.router.route(x, key_pos)
+        return out["logits"].argmax(-1), out["min_hamming"] if "min_hamming" in out else out["hit"]
 
     def greedy(self, prompts: list, max_new: int) -> list:
-        """Greedy answers, cut at the newline; ELDER routes from each prompt's last token, deferral off."""
-        if self.elder is None:
+        """Greedy answers, cut at the newline; the router routes from each prompt's last token."""
+        if self.router is None:
             return greedy_answers(self.model, self.tok, prompts, max_new)
-        cfg = self.elder.config
         answers = [""] * len(prompts)
         by_len: dict = {}
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
-        previous, cfg.deferral = cfg.deferral, False
-        try:
+        with self._always_routed():
             for n, members in sorted(by_len.items()):
                 idx = np.stack([self.tok.encode(prompts[i]) for i in members])
-                with self.elder.evaluating(), self.elder.keys(np.full(len(members), n - 1)):
+                with self.router.evaluating(), self.router.keys(np.full(len(members), n - 1)):
                     out = self.model.generate(idx, max_new, greedy=True)[:, n:]
                 for i, row in zip(members, out):
                     answers[i] = self.tok.decode(row).split("\n")[0]
-        finally:
-            cfg.deferral = previous
         return answers
 
 
@@ -283,17 +293,19 @@ def run_editing(config: EditingConfig, base_model, seed: int = 0, progress: bool
 
     base_out = predict_all(Predictor(base_model))
 
-    def metrics_at(on: dict, T: int, z_of=None) -> dict:
-        """Metrics after T edits; z_of(name) → (B,) bool picks the on-prediction per row (None: all on)."""
+    def metrics_at(on: dict, T: int, z_of=None, pick: bool = True) -> dict:
+        """Metrics after T edits. z_of(name) → (B,) bool: each row's routing flag, reported as deferral_rate;
+        with pick, a row takes the on-prediction where z and the base's elsewhere (ELDER's θ sweep). GRACE's
+        on-predictions need no picking: a row without a key in range is the base already."""
         def choose(name):
             p = on[name][0]
-            if z_of is None:
+            if z_of is None or not pick:
                 return p
             z = z_of(name)
             return np.where(z[:, None], p, base_out[name][0])
 
         def choose_greedy(name):
-            if z_of is None:
+            if z_of is None or not pick:
                 return on[name + "_greedy"]
             z = z_of(name)
             return [a if zi else b for a, b, zi in zip(on[name + "_greedy"], base_out[name + "_greedy"], z)]
@@ -337,10 +349,12 @@ def run_editing(config: EditingConfig, base_model, seed: int = 0, progress: bool
     results = {}
     for name in config.methods:
         t_method = time.perf_counter()
-        overrides = {"n_iter": config.n_iter, "lr": config.lr, **(config.elder if name == "elder" else config.ft_lora)}
-        if name == "elder":
+        per_method = {"elder": config.elder, "ft_lora": config.ft_lora, "grace": config.grace}[name]
+        overrides = {"n_iter": config.n_iter, "lr": config.lr, **per_method}
+        if name in ("elder", "grace"):  # both route from each prompt's key token and keep a table of edits
             overrides.setdefault("pad_token_id", PAD_ID)
-            overrides.setdefault("max_edits", max(1024, T_max))
+            # GRACE adds at most one key per edit, so its codebook (and trainable count) is sized to the stream
+            overrides.setdefault("max_edits", max(1024, T_max) if name == "elder" else T_max)
         method = EDIT_METHODS[name](**overrides)
         model = copy.deepcopy(base_model)  # the caller's model is never touched
         model.train()
@@ -357,13 +371,15 @@ def run_editing(config: EditingConfig, base_model, seed: int = 0, progress: bool
             T = i + 1
             if T not in config.stream_lengths:
                 continue
-            elder = method if name == "elder" else None
-            on = predict_all(Predictor(model, elder))
-            if elder is None:
-                checkpoints[T] = metrics_at(on, T)
-            else:
+            on = predict_all(Predictor(model, method if name in ("elder", "grace") else None))
+            if name == "elder":
                 checkpoints[T] = elder_checkpoint(method, on, T, metrics_at, config)
-            m = checkpoints[T] if elder is None else checkpoints[T]["default"]
+            elif name == "grace":  # on[...][1]: whether each row's query hit a key
+                checkpoints[T] = {**metrics_at(on, T, lambda set_name: on[set_name][1], pick=False),
+                                  "n_keys": method.n_keys}
+            else:
+                checkpoints[T] = metrics_at(on, T)
+            m = checkpoints[T]["default"] if name == "elder" else checkpoints[T]
             say(f"{name} after {T} edits: reliability {m['reliability']:.2f}, generality {m['generality']:.2f}, "
                 f"locality {m['locality']:.2f}, leak {m['leak']:.2f}")
         bar.close()
@@ -414,7 +430,9 @@ def format_editing(doc: dict) -> str:
              "rel/gen = the new city is the answer (every target token's argmax right, = the greedy answer; Tk: token accuracy, "
              "inflated by the predictable letters of a known city name); 1stK = reliability of the first K edits "
              "after the stream; loc = unrelated prompts unchanged from the base (Tx: pydoc windows, Fa: untouched "
-             "facts); leak = untouched entities now answering an edited city; z = ELDER's deferral rate", head]
+             "facts); leak = untouched entities now answering an edited city; z = the share of prompts routed to "
+             "the edits (ELDER: deferral z = 1; GRACE: a key within its radius) on edit, paraphrase and unrelated "
+             "prompts", head]
 
     def row(label, T, m):
         z = m.get("deferral_rate")
@@ -431,6 +449,8 @@ def format_editing(doc: dict) -> str:
                 lines.append(row(f"elder θ={c['default_theta']:g} (default)", int(T), c["default"]))
                 lines.append(row(f"elder θ={c['calibrated_theta']:g} (calibrated)", int(T), c["calibrated"]))
                 lines.append(row("elder, no deferral", int(T), c["no_deferral"]))
+            elif name == "grace":
+                lines.append(row(f"grace ε={r['describe']['config']['epsilon']:g} ({c['n_keys']} keys)", int(T), c))
             else:
                 lines.append(row(name, int(T), c))
     for name, r in doc["results"].items():

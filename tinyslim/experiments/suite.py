@@ -8,7 +8,7 @@
     chain        COLA's claim on one task a small rank underfits: chains of m = 1, 2, 3 links at the
                  same step budget (m = 1 is plain LoRA)
     composition  scenario B: K single-task LoRAs, composed by sum, NLA and MoLE (with and without L_bal)
-    editing      scenario C: an edit stream, ELDER against FT-LoRA, metrics against stream length
+    editing      scenario C: an edit stream, ELDER against FT-LoRA and GRACE, metrics against stream length
 
 and returns one JSON-able document (the report's data; report.py turns it into tables, claims and
 plots). Sizes: "quick" (the demo: one seed in a few minutes on 2 cores), "full" (each scenario's own
