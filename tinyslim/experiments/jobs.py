@@ -42,6 +42,17 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _main_is_importable() -> bool:
+    """Spawned workers re-import the parent's __main__ by its file (or module name); code typed at an
+    interactive prompt or piped through `python -` has neither, and a worker would die at start."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    return spec is not None or (path is not None and os.path.exists(path))
+
+
 def _init_worker(base_model) -> None:
     global _BASE
     from .. import kernels
@@ -66,6 +77,10 @@ def run_jobs(jobs: list[Job], base_model, workers: int = 1, log=print, progress:
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out, seconds = {}, {}
+    if workers > 1 and len(jobs) > 1 and not _main_is_importable():
+        log("note: running in this process (workers = 1): worker processes need a main module they can "
+            "import (a script or `python -m`), not an interactive session or `python -`")
+        workers = 1
     if workers == 1 or len(jobs) <= 1:
         from .. import kernels
 
