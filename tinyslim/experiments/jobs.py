@@ -10,7 +10,8 @@ run to a worker process, each worker single-threaded, and gets ~n× the throughp
 ``fn(base_model, *args)`` must be a module-level function (workers import it by name). Every run is
 seeded by its own arguments (methods.md §0 streams) and uses one kernel thread (the C kernels sum dA,
 dB per thread, so the thread count changes the last bits), so the results are bit-identical whatever
-the number of workers and the order in which runs finish. Workers are started with "spawn" and
+the number of workers and the order in which runs finish (with workers=1, when this process's NumPy
+also runs on one BLAS thread, as `make demo` sets: OpenBLAS's results change with its thread count). Workers are started with "spawn" and
 OPENBLAS_NUM_THREADS=1 in their environment, so NumPy in the worker starts single-threaded whatever
 the parent was given; workers=1 runs everything in this process, with progress bars. Spawned workers
 re-import the caller's main module: from a script, call run_jobs under ``if __name__ == "__main__":``.
