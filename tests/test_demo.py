@@ -150,3 +150,44 @@ def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
     one, two = docs
     assert numbers(one) == numbers(two)
     assert one["continual"]["summary"]["slim"]["acc_matrix"] == two["continual"]["summary"]["slim"]["acc_matrix"]
+
+
+def test_claims_of_scenarios_b_c_and_cola_follow_the_numbers():
+    """Planted B, C and chain documents: each row's verdict follows its own numbers, and each row's
+    toy result belongs to its claim (a swapped label once went unnoticed)."""
+    def edit(rel, gen, loc, first):
+        return {"reliability": rel, "generality": gen, "locality": loc, "first10_reliability": first}
+
+    def seed(elder50, ft10, ft50, grace50):
+        return {"config": {"first_k": 10}, "results": {
+            "elder": {"by_T": {"10": {"calibrated": edit(1, 1, 1, 1)}, "50": {"calibrated": elder50}}},
+            "ft_lora": {"by_T": {"10": ft10, "50": ft50}},
+            "grace": {"by_T": {"10": edit(1, 0, 1, 1), "50": grace50}}}}
+
+    editing = {"runs": [seed(edit(.95, .5, .97, .9), edit(.5, .1, .2, .6), edit(.4, .1, .1, .2), edit(.3, 0, 1, .3)),
+                        seed(edit(.95, .1, .90, .9), edit(.5, .1, .2, .1), edit(.4, .2, .1, .2), edit(.3, 0, .9, .3))]}
+
+    def comp(mole, nla, total, ent, ent_nobal):
+        gates = lambda e: {"entropy_of_mean": e, "max_share": .5}  # noqa: E731
+        return {"methods": {"mole": {"mean_acc": mole, "gates": gates(ent)}, "nla": {"mean_acc": nla},
+                            "lora_sum": {"mean_acc": total}, "mole_nobal": {"mean_acc": 0, "gates": gates(ent_nobal)}}}
+
+    composition = {"runs": [comp(.5, .2, .1, 1.0, .5), comp(.5, .2, .2, .4, .5)]}
+    chain = {"config": {"task": "srt", "rank": 1, "steps": 10},
+             "rows": {m: {"runs": [{"acc": a} for a in accs], "final_loss": [0.5, 0.0]}
+                      for m, accs in (("1", [.1, .3]), ("2", [.2, .3]), ("3", [.2, .1]))}}
+    claims = evaluate_claims({"editing": editing, "composition": composition, "chain": chain})
+    rows = {c["claim"][:20]: c for c in claims if c["paper"] in ("ELDER", "MoLE", "COLA")}
+    expected = {  # claim prefix: (seeds held, a word its toy result must contain)
+        "reliability and localit": (1, "ELDER reliability"),    # seed 1: locality .90 < .95
+        "ELDER generalises edits": (1, "generality"),           # seed 1: ELDER .1 < FT-LoRA .2
+        "FT-LoRA's reliability o": (1, "first-10"),             # seed 1: .2 after 50 > .1 after 10
+        "a GRACE-like codebook k": (1, "GRACE-like"),           # seed 1: GRACE locality .9 < .95
+        "learned per-layer gates": (1, "nla"),                  # seed 1: NLA .2 = sum .2, a tie
+        "the balance loss keeps ": (1, "entropy"),              # seed 1: .4 < .5
+        "at the same training bu": (1, "m = 3"),                # seed 1: m = 2 ties m = 1
+    }
+    for prefix, (held, word) in expected.items():
+        row = rows[prefix[:20]]
+        assert (row["held"], row["n_seeds"]) == (held, 2), row
+        assert word in row["toy"], row

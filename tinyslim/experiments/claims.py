@@ -181,11 +181,11 @@ def _elder_claims(doc) -> list[dict]:
         ("ELDER generalises edits better than FT-LoRA at comparable reliability",
          "at the longest stream: generality(ELDER) > generality(FT-LoRA) and reliability(ELDER) ≥ "
          "reliability(FT-LoRA) − 0.1"),
+        ("FT-LoRA's reliability on early edits decays as the stream grows (the baseline's failure)",
+         "FT-LoRA first-k reliability after the longest stream < after the shortest"),
         ("a GRACE-like codebook keeps unrelated prompts unchanged, unlike FT-LoRA (the spec's toy target: "
          "locality ELDER ≈ GRACE-like ≈ 1 ≫ FT-LoRA)",
          "at the longest stream: locality(GRACE-like) ≥ 0.95 and > locality(FT-LoRA)"),
-        ("FT-LoRA's reliability on early edits decays as the stream grows (the baseline's failure)",
-         "FT-LoRA first-k reliability after the longest stream < after the shortest"),
     ]
     if not edit or not {"elder", "ft_lora"} <= set(edit["runs"][0]["results"]):
         return [_not_run(paper, c, numbers, t, "scenario C without elder and ft_lora") for c, t in specs]
