@@ -5,7 +5,7 @@ fast as two (threads cost more than they save at these sizes). Whole runs, on th
 independent: a (method, seed) run of scenario A shares nothing with another. So the suite hands each
 run to a worker process, each worker single-threaded, and gets ~n× the throughput on n cores.
 
-    results, seconds = run_jobs([Job("er seed 0", fn, args), …], base_model, workers=2)
+    results, seconds, used = run_jobs([Job("er seed 0", fn, args), …], base_model, workers=2)
 
 ``fn(base_model, *args)`` must be a module-level function (workers import it by name). Every run is
 seeded by its own arguments (methods.md §0 streams) and uses one kernel thread (the C kernels sum dA,
@@ -67,9 +67,10 @@ def _call(fn, args):
     return fn(_BASE, *args), time.perf_counter() - t0
 
 
-def run_jobs(jobs: list[Job], base_model, workers: int = 1, log=print, progress: bool = True) -> tuple[dict, dict]:
-    """({job.label: fn(base_model, *job.args)}, {job.label: seconds}) for every job, on `workers`
-    processes (1: here, in order)."""
+def run_jobs(jobs: list[Job], base_model, workers: int = 1, log=print,
+             progress: bool = True) -> tuple[dict, dict, int]:
+    """({job.label: fn(base_model, *job.args)}, {job.label: seconds}, the number of processes that ran
+    them) for every job, on `workers` processes (1: here, in order)."""
     from tqdm.auto import tqdm
 
     labels = [j.label for j in jobs]
@@ -95,20 +96,21 @@ def run_jobs(jobs: list[Job], base_model, workers: int = 1, log=print, progress:
                 log(f"[{i + 1}/{len(jobs)}] {job.label}: {seconds[job.label]:.0f} s")
         finally:
             kernels.set_num_threads(threads)
-        return out, seconds
+        return out, seconds, 1
 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    workers = min(workers, len(jobs))
     single = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "TINYSLIM_NUM_THREADS": "1"}
     saved = {k: os.environ.get(k) for k in single}
     os.environ.update(single)  # inherited by the spawned workers, read by NumPy when they import it
     try:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  initializer=_init_worker, initargs=(base_model,)) as pool:
             futures = {pool.submit(_call, job.fn, job.args): job.label for job in jobs}
-            bar = tqdm(total=len(jobs), unit="run", desc=f"{min(workers, len(jobs))} workers", leave=False,
+            bar = tqdm(total=len(jobs), unit="run", desc=f"{workers} workers", leave=False,
                        disable=not progress)
             for future in as_completed(futures):
                 label = futures[future]
@@ -122,4 +124,5 @@ def run_jobs(jobs: list[Job], base_model, workers: int = 1, log=print, progress:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return {label: out[label] for label in labels}, seconds  # in the jobs' order, whatever order they finished
+    # in the jobs' order, whatever order they finished in
+    return {label: out[label] for label in labels}, seconds, workers

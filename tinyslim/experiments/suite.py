@@ -18,6 +18,7 @@ numbers mean nothing).
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 
@@ -133,14 +134,17 @@ def _routing_mean(diagnostics: list[dict]) -> dict:
 
 # ---- the runs, one job each (module-level, so that worker processes can import them) ----------------------
 
-_GENERAL: dict = {}  # the base model's general-capability measurement, once per process and setting
+# the base model's general-capability measurement, once per process, base model and setting (weakly keyed:
+# a base model that is gone takes its measurements with it, and a new one never inherits them)
+_GENERAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _general(base_model, config: ContinualConfig) -> GeneralEval:
-    key = (id(base_model), config.eval_batches, config.eval_batch_size, config.fact_recall)
-    if key not in _GENERAL:
-        _GENERAL[key] = GeneralEval(base_model, config)
-    return _GENERAL[key]
+    key = (config.eval_batches, config.eval_batch_size, config.fact_recall)
+    per_model = _GENERAL.setdefault(base_model, {})
+    if key not in per_model:
+        per_model[key] = GeneralEval(base_model, config)
+    return per_model[key]
 
 
 def continual_job(base_model, name: str, config: ContinualConfig, seed: int, overrides: dict | None,
@@ -236,7 +240,7 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
     continual_methods = list(methods) if methods else configs["continual_methods"]
     for name in continual_methods:  # fail on a bad name before any training
         build_method(name, configs["continual"])
-    slim_like = [m for m in continual_methods if m == "slim" or m in SLIM_ABLATIONS and m != "moe_lora"]
+    slim_like = [m for m in continual_methods if m in SLIM_ABLATIONS and m != "moe_lora"]  # SLIM and its rows
     overrides = {m: METHOD_ARGS[m] for m in continual_methods if m in METHOD_ARGS}
     inline = progress and workers == 1  # per-step progress bars only when the runs are in this process
     chain = configs["chain"]
@@ -255,9 +259,9 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         jobs.sort(key=lambda j: j.label.startswith(("composition", "continual")), reverse=True)  # stable
     log(f"{len(jobs)} runs on {min(workers, len(jobs))} worker(s)")
     t_suite = time.perf_counter()
-    results, seconds = run_jobs(jobs, base_model, workers, log, progress)
+    results, seconds, used = run_jobs(jobs, base_model, workers, log, progress)
 
-    doc = {"size": size, "seeds": seeds, "scenarios": list(scenarios), "workers": workers,
+    doc = {"size": size, "seeds": seeds, "scenarios": list(scenarios), "workers": used,
            "run_seconds": seconds, "timings": {}}
     for scenario in SCENARIOS:  # the seconds of each scenario's runs, summed (on one worker: its wall time)
         if scenario in scenarios:
