@@ -1,5 +1,6 @@
 # tinyslim: two commands do all set-up on a fresh machine.
 #   make test   create .venv, install tinyslim (editable) with its test extras, build the extension, run the suite
+#               (derandomized: the same hypothesis examples every run; `make test-explore` draws fresh ones)
 #   make demo   create .venv, install tinyslim (editable), build the extension, run `python -m tinyslim demo`
 #               (every method in the three worlds, one seed: runs/demo/report.md + plots, about 6 minutes on 2 cores)
 # Other targets: make info, make bench, make gpu-check, make clean.
@@ -8,11 +9,8 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip --disable-pip-version-check
-# Test-only dependencies. torch==2.13.0 is the CPU build that installs quickly (see README);
-# transformers and peft are the real libraries the interop tests load our exports with.
-TEST_DEPS := torch==2.13.0 pytest hypothesis transformers==5.23.0 peft==0.21.2
 
-.PHONY: test demo info bench gpu-check sanitize clean ext
+.PHONY: test test-explore demo info bench gpu-check sanitize clean ext
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,16 +22,23 @@ $(VENV)/.runtime: $(VPY) setup.py pyproject.toml $(wildcard ext/*.c ext/*.h ext/
 	$(VPY) setup.py -q build_ext --inplace
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime
-	$(PIP) install -q $(TEST_DEPS)
+# The test extras (setup.py's extras_require["test"], the one list): torch, pytest, hypothesis, the real
+# transformers and peft, and jupytext, nbclient, ipykernel for the notebook test. Re-run when the list changes.
+$(VENV)/.test: $(VENV)/.runtime setup.py
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $@
 
 ext: $(VENV)/.runtime
 	$(VPY) setup.py -q build_ext --inplace
 
+# Derandomized (hypothesis profile ci): the same examples on every run, so it never fails at random.
 test: $(VENV)/.test
-	$(VPY) -m pytest -q
+	HYPOTHESIS_PROFILE=ci $(VPY) -m pytest -q
+
+# Random exploration (profile dev): fresh hypothesis examples on every run; SEED=N replays one run,
+# ARGS narrows it, e.g. make test-explore SEED=3 ARGS=tests/test_ops.py
+test-explore: $(VENV)/.test
+	HYPOTHESIS_PROFILE=dev $(VPY) -m pytest -q $(if $(SEED),--hypothesis-seed=$(SEED)) $(ARGS)
 
 # One BLAS thread: the model's matrices are small, and the runs go to one worker process per core.
 demo: $(VENV)/.runtime

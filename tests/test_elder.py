@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_adapters_base import random_gpt, relative_error
+from test_adapters_base import assert_trained_outputs_close, random_gpt, relative_error
 from test_slim import ADAM_NOISE
 from tinyslim.adapters import EDIT_METHODS, Elder, ElderConfig, FTLoRA, adapter_state_dict, stream
 from tinyslim.adapters.elder import key_positions, top_k
@@ -141,7 +141,7 @@ def test_elder_edit_stream_matches_torch(case):
     with torch.no_grad():
         ref_logits = forward_hidden(twin, probe_x)[0].numpy()
     np.testing.assert_array_equal(out["z"], ctx["z"])
-    np.testing.assert_allclose(out["logits"], ref_logits, rtol=1e-10, atol=1e-10)  # "equal" in float64
+    assert_trained_outputs_close(out["logits"], ref_logits)
 
 
 # ---- §5.9 invariants -------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_adapters_base import random_batch, random_gpt, relative_error, run_tasks, tiny_tasks
+from test_adapters_base import (assert_trained_outputs_close, random_batch, random_gpt, relative_error, run_tasks,
+                               tiny_tasks)
 from tinyslim.adapters import (SLIM, SLIM_ABLATIONS, SlimConfig, Streams, adapter_state_dict, make_method,
                                make_slim_ablation, stream)
 from tinyslim.adapters.slim import SlimLinear, abs_sum, drop_probabilities, l1_penalty
@@ -154,7 +155,7 @@ def test_slim_training_run_matches_torch_steps_clusters_and_evaluation(case, ste
         logits = model(x)[0].data
     with __import__("torch").no_grad():
         ref_logits = forward_hidden(twin, x)[0].numpy()
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-9, atol=1e-10)
+    assert_trained_outputs_close(logits, ref_logits)
 
 
 # ---- §2.10 invariants ------------------------------------------------------------------------------
