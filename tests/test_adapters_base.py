@@ -34,11 +34,13 @@ def random_gpt(config: GPTConfig, seed: int) -> GPT:
 
 
 def random_batch(rng, config: GPTConfig, B: int, T: int, answer_fraction: float = 0.6):
-    """x, y int (B, T) and a 0/1 float answer mask with at least one answer per row."""
+    """x, y int (B, T) and a 0/1 float answer mask with at least one answer per row; x is never all 0."""
     x = rng.integers(0, config.vocab_size, (B, T))
     y = rng.integers(0, config.vocab_size, (B, T))
     mask = (rng.random((B, T)) < answer_fraction).astype(np.float64)
     mask[np.arange(B), rng.integers(0, T, B)] = 1.0
+    if not x.any():  # all id 0, i.e. all padding with pad_token_id=0: no real token to average a statistic
+        x[0, 0] = 1  # over (MoLE's balance loss is 0/0 there, inf in tinyslim and nan in torch)
     return x, y, mask
 
 

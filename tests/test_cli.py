@@ -46,6 +46,12 @@ def test_pretrain_then_sample(tmp_path):
     assert "def " in out.stdout
 
 
+def test_sample_rejects_a_prompt_outside_the_vocabulary_in_one_line():
+    out = run("sample", "--prompt", "h\u00e9llo \u20ac")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "outside the vocabulary" in out.stderr and "U+20AC" in out.stderr
+
+
 def test_sample_from_a_missing_checkpoint_fails_clearly(tmp_path):
     out = run("sample", "--checkpoint", str(tmp_path / "none.safetensors"))
     assert out.returncode != 0 and "does not exist" in out.stderr

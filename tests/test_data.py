@@ -10,6 +10,7 @@ from tinyslim.data import (
     VOCAB,
     CharTokenizer,
     PretrainData,
+    count_outside_vocab,
     make_knowledge_base,
     normalize_text,
     pydoc_documents,
@@ -48,11 +49,31 @@ def test_round_trip_on_vocab_text(text):
 
 
 @given(st.text())
-def test_any_text_encodes_into_the_vocab(text):
-    ids = tok.encode(text)
+def test_any_text_encodes_into_the_vocab_with_replace_and_raises_or_round_trips_when_strict(text):
+    ids = tok.encode(text, errors="replace")
     assert ((ids >= 1) & (ids < tok.vocab_size)).all()      # PAD is never produced by text
     assert tok.decode(ids) == normalize_text(text)
     assert normalize_text(normalize_text(text)) == normalize_text(text)
+    outside = count_outside_vocab(text)
+    if outside:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            tok.encode(text)
+    else:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_strict_encode_names_what_was_given_what_is_allowed_and_what_to_do():
+    with pytest.raises(ValueError) as info:
+        tok.encode("h\u00e9llo \u20ac")
+    message = str(info.value)
+    assert "\n" not in message                                 # one line
+    assert "2 character(s) of 'h\u00e9llo \u20ac'" in message and "(first at position 1)" in message
+    assert "'\u00e9' (U+00E9) ×1, '\u20ac' (U+20AC) ×1" in message
+    assert "printable ASCII" in message and 'errors="replace"' in message
+    assert tok.decode(tok.encode("h\u00e9llo \u20ac", errors="replace")) == "hello ?"
+    assert count_outside_vocab("a\tb\t\u00e9") == {"\t": 2, "\u00e9": 1}
+    with pytest.raises(ValueError, match="errors must be"):
+        tok.encode("a", errors="ignore")
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -67,7 +88,7 @@ def test_any_text_encodes_into_the_vocab(text):
     ("20\u00b0 \u65e5\u672c \x00", "20? ?? ?"),
 ])
 def test_unknown_character_rule(raw, expected):
-    assert tok.decode(tok.encode(raw)) == expected
+    assert tok.decode(tok.encode(raw, errors="replace")) == expected
 
 
 def test_pad_decodes_to_nothing():

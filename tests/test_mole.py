@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from test_adapters_base import random_batch, random_gpt, relative_error, run_tasks, tiny_tasks
@@ -86,8 +86,16 @@ def mole_cases(draw):
     return config, ranks, targets, over, draw(st.integers(1, 3)), draw(st.integers(2, 5)), draw(seeds)
 
 
+# a batch drawn as all padding (vocabulary 5, one row of 2 tokens): random_batch now keeps one real token
+ALL_PAD_DRAW = (GPTConfig(vocab_size=5, block_size=6, n_layer=1, n_head=1, n_embd=3, bias=False, dtype="float64"),
+                [1], ["attn.c_attn", "mlp.c_fc"],
+                dict(gate_granularity="token", gate_pool="token", mask=None, gate_init_std=0.01, tau_init=1.0,
+                     balance_coef=0.5, pad_token_id=0), 1, 2, 571215)
+
+
 @pytest.mark.torch
 @given(case=mole_cases())
+@example(case=ALL_PAD_DRAW)
 def test_mole_loss_and_every_gate_gradient_match_torch(case):
     import torch
 

@@ -103,9 +103,13 @@ def _load_for_sampling(path):
 
 def cmd_sample(args) -> int:
     from .data import CharTokenizer
-    model, source = _load_for_sampling(args.checkpoint)
     tok = CharTokenizer()
-    idx = tok.encode(args.prompt)[None, :]
+    try:
+        idx = tok.encode(args.prompt)[None, :]
+    except ValueError as err:
+        print(f"error: --prompt: {err}", file=sys.stderr)
+        return 2
+    model, source = _load_for_sampling(args.checkpoint)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          greedy=args.greedy, rng=np.random.default_rng(args.seed))
     print(f"# model: {source}")
@@ -154,7 +158,7 @@ def _run_suite(args, default_name: str, command: str) -> int:
           f"report in {out_dir}/")
     try:
         doc = run_suite(model, args.size, seeds, scenarios, progress=not args.quiet, methods=methods,
-                        workers=args.workers)
+                        workers=args.workers, frontier=args.frontier)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -172,6 +176,27 @@ def cmd_demo(args) -> int:
     command = "python -m tinyslim demo" + "".join(f" {a}" for a in sys.argv[2:]) if sys.argv[1:2] == ["demo"] \
         else "python -m tinyslim demo"
     return _run_suite(args, f"demo-{args.size}" if args.size != "quick" else "demo", command)
+
+
+def cmd_tune(args) -> int:
+    """`tune`: every tuned method's grid on the tuning seeds → tinyslim/experiments/tuning/<size>.json."""
+    from .experiments.jobs import default_workers
+    from .experiments.tuning import TUNING_SEEDS, format_tuning, run_tuning, write_tuning
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(TUNING_SEEDS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    workers = args.workers or default_workers()
+    model, _ = base_model(progress=not args.quiet)
+    try:
+        doc = run_tuning(model, args.size, seeds, methods, workers, progress=not args.quiet)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_tuning(doc))
+    if args.dry_run:
+        return 0
+    print(f"\nwritten: {write_tuning(doc, args.out)} ({doc['wall_s']:.0f} s on {doc['workers']} worker(s))")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -374,7 +399,7 @@ def _bench(argv: list[str]) -> int:
     return module.main(argv[1:]) or 0
 
 
-def _suite_options(p, default_size: str, prefix: str = "") -> None:
+def _suite_options(p, default_size: str, prefix: str = "", frontier: bool = False) -> None:
     from .experiments.suite import SCENARIOS, SIZES
     p.add_argument("--size", choices=sorted(SIZES), default=default_size,
                    help=f"{prefix}quick (≈ 4 min a seed on 2 cores), full (each scenario's calibrated settings; "
@@ -383,12 +408,15 @@ def _suite_options(p, default_size: str, prefix: str = "") -> None:
     p.add_argument("--no-plots", action="store_true", help=f"{prefix}skip the PNG plots")
     p.add_argument("--workers", type=int, default=None, help=f"{prefix}processes for the independent runs (default: "
                    "one per core; 1 runs everything in this process, with per-step progress bars)")
+    p.add_argument("--frontier", action=argparse.BooleanOptionalAction, default=frontier, help=f"{prefix}also run every scenario-A method at ½× and 2× its learning rate (the "
+                   "stability–plasticity frontier that the forgetting claims are judged on); default: on for "
+                   "`run all`, off for the one-seed demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinyslim",
                                      description="tinyslim: LoRA-family fine-tuning and forgetting, from first principles.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,run,bench,export,import}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,tune,run,bench,export,import}")
     sub.required = True
 
     sub.add_parser("info", help="versions, compiled backends and why any is missing").set_defaults(fn=cmd_info)
@@ -432,6 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser("tune", help="choose scenario A's settings on the tuning seeds (same grid size for every "
+                       "method); writes tinyslim/experiments/tuning/<size>.json, which demo and run all read")
+    p.add_argument("--size", choices=["quick", "full", "tiny"], default="quick")
+    p.add_argument("--seeds", default=None, help="comma-separated tuning seeds (default 100,101; never 0-4, the "
+                   "reported seeds)")
+    p.add_argument("--methods", default=None, help="comma-separated tuned methods (default: all)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--out", default=None, help="where to write the tuning data (default: the package's file)")
+    p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_tune)
+
     p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A), "
                        "`run composition` (B), `run editing` (C)")
     p.add_argument("scenario", choices=["continual", "composition", "editing", "compose", "edit", "all"],
@@ -462,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continual: go on from the run directory's checkpoints "
                    "(written every 100 steps and at task boundaries), ending as an uninterrupted run would")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _suite_options(p, default_size="quick", prefix="all: ")
+    _suite_options(p, default_size="quick", prefix="all: ", frontier=True)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("export", help="write a checkpoint in Hugging Face's GPT-2 layout (config.json + safetensors)")

@@ -57,8 +57,20 @@ for _i, _ch in enumerate(VOCAB[1:], start=1):
     _ID_OF_BYTE[ord(_ch)] = _i
 
 
+def count_outside_vocab(text: str) -> dict[str, int]:
+    """{character: count} for the characters of text that are not in ``VOCAB``, in order of appearance."""
+    counts: dict[str, int] = {}
+    for m in _OUTSIDE_VOCAB.finditer(text):
+        counts[m[0]] = counts.get(m[0], 0) + 1
+    return counts
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
 def normalize_text(text: str) -> str:
-    """Map any text onto the vocabulary's characters; ``encode`` applies this rule.
+    """Map any text onto the vocabulary's characters; ``encode(text, errors="replace")`` applies it.
 
     In order: "\\r\\n" and "\\r" become "\\n"; tabs become one space; curly quotes and dashes become
     their ASCII forms and "ß" becomes "ss"; Unicode NFKD then spells out compatibility characters
@@ -76,12 +88,31 @@ class CharTokenizer:
     vocab_size = len(VOCAB)
     pad_id = PAD_ID
 
-    def encode(self, text: str) -> np.ndarray:
-        """str -> (len,) int64 ids, after ``normalize_text`` (so unknown characters become "?")."""
+    def encode(self, text: str, errors: str = "strict") -> np.ndarray:
+        """str -> (len,) int64 ids.
+
+        errors="strict" (the default): every character must be in ``VOCAB`` ("\\n" and printable
+        ASCII); any other raises ValueError naming each one, so bad input is never silently changed.
+        errors="replace": map the text with ``normalize_text`` first ("é" -> "e", "€" -> "?"). The
+        corpora use this deliberately; call ``count_outside_vocab`` to see what it would change.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        data = normalize_text(text).encode("ascii")
-        return _ID_OF_BYTE[np.frombuffer(data, dtype=np.uint8)]
+        if errors == "replace":
+            text = normalize_text(text)
+        elif errors != "strict":
+            raise ValueError(f'errors must be "strict" or "replace", got {errors!r}')
+        else:
+            outside = count_outside_vocab(text)
+            if outside:
+                first = _OUTSIDE_VOCAB.search(text).start()
+                listed = ", ".join(f"{ch!r} (U+{ord(ch):04X}) ×{n}" for ch, n in list(outside.items())[:5])
+                more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+                raise ValueError(f"encode: {sum(outside.values())} character(s) of {_clip(text)} are outside the "
+                                 f"vocabulary (first at position {first}): {listed}{more}; the vocabulary is "
+                                 '"\\n" and printable ASCII (space to "~"). Remove them, or pass '
+                                 'errors="replace" to map them as normalize_text does ("é" -> "e", others -> "?").')
+        return _ID_OF_BYTE[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
 
     def decode(self, ids) -> str:
         """1-D sequence of ids -> str. PAD decodes to ""; nothing stops decoding early."""
@@ -306,7 +337,7 @@ class PretrainData:
 
         # uint8 streams (97 ids fit) keep the corpus small; batches are cast to int64.
         def stream(name, text):
-            ids = self.tokenizer.encode(text).astype(np.uint8)
+            ids = self.tokenizer.encode(text, errors="replace").astype(np.uint8)  # the corpus maps deliberately
             if len(ids) < self.block_size + 1:
                 raise ValueError(f"the {name} stream has {len(ids)} tokens, fewer than "
                                  f"block_size + 1 = {self.block_size + 1}; use a smaller block_size")
