@@ -1,4 +1,4 @@
-"""Benchmark of the low-rank mixture kernel against NumPy and torch formulations (benchmarks.md).
+"""Benchmark of the low-rank mixture kernel against NumPy and torch formulations (docs/benchmarks.md).
 
     python benchmarks/bench_kernels.py [--full] [--json PATH] [--device cpu|cuda] [--threads T]
     python -m tinyslim bench kernels [same options]
@@ -6,7 +6,7 @@
 Shape legend: N tokens, D in, O out, r rank, E experts, k active experts per token, w bytes per element.
     x (N, D)   A (E, r, D)   B (E, O, r)   gates: dense G (N, E) | top-k (idx, w) (N, k) | index (N,)
 
-What one run does, in order (benchmarks.md):
+What one run does, in order (docs/benchmarks.md):
   1. measure the roofs in this process: P_peak = best of 5 float32 2048³ matmuls, BW = best sum
      over a 256 MB array (GPU: a large matmul and a 1 GB device-to-device copy);
   2. per shape: check every path against a float64 reference (max relative error of y, dx, dA, dB,
@@ -604,7 +604,7 @@ def run_gpu(args) -> int:
 # ---- main ---------------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bench kernels", description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="the full sweep of benchmarks.md (long)")
+    parser.add_argument("--full", action="store_true", help="the full sweep of docs/benchmarks.md (long)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=0,

@@ -1,4 +1,4 @@
-/* lowrank.h — C API of the low-rank mixture kernel (methods.md §8). This file is also the cffi cdef:
+/* lowrank.h — C API of the low-rank mixture kernel (docs/methods.md §8). This file is also the cffi cdef:
  * build_cpu.py drops the preprocessor lines and hands the rest to ffi.cdef, so keep it to plain
  * declarations (no macros in the prototypes, no inline code).
  *

@@ -1,4 +1,4 @@
-/* lowrank_cpu.c — the low-rank mixture kernel on the CPU (C99 + OpenMP), methods.md §8.
+/* lowrank_cpu.c — the low-rank mixture kernel on the CPU (C99 + OpenMP), docs/methods.md §8.
  *
  *   y_n = Σ_e c[n,e] · B'_e (A'_e x_n)        c[n,e] = g[n,e] · s_e,  A'_e = A_e ⊙ m_in_e,  B'_e = m_out_e ⊙ B_e
  *

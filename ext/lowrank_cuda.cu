@@ -1,4 +1,4 @@
-// lowrank_cuda.cu — float32 CUDA kernels of the low-rank mixture op (methods.md §8), extern "C" API
+// lowrank_cuda.cu — float32 CUDA kernels of the low-rank mixture op (docs/methods.md §8), extern "C" API
 // declared at the end of ext/lowrank.h and loaded from Python with cffi ABI mode (kernels/cuda.py).
 //
 //   y_n = Σ_slots c · B'_e (A'_e x_n)      c = w[n,s] · scale[e],  A' = A ⊙ m_in,  B' = m_out ⊙ B

@@ -1,4 +1,4 @@
-"""COLA — Chain of LoRA (tinyslim/adapters/chain.py), methods.md §6 and §7.6.
+"""COLA — Chain of LoRA (tinyslim/adapters/chain.py), docs/methods.md §6 and §7.6.
 
 * against an independent torch COLA loop (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs and
   chains (length, knots, rank step-down, α mode, LR schedule, optimizer reset): the learning rate of

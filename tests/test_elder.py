@@ -1,4 +1,4 @@
-"""ELDER (tinyslim/adapters/elder.py), methods.md §5, and the FT-LoRA editing baseline
+"""ELDER (tinyslim/adapters/elder.py), docs/methods.md §5, and the FT-LoRA editing baseline
 (tinyslim/adapters/ft_lora.py), §7.5.
 
 * against an independent torch ELDER (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs and ELDER

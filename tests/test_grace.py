@@ -1,4 +1,4 @@
-"""The GRACE-like codebook (tinyslim/adapters/grace.py), methods.md §7.5.
+"""The GRACE-like codebook (tinyslim/adapters/grace.py), docs/methods.md §7.5.
 
 * the replacement op: gradcheck of y and the values, rows without a key untouched
 * against an independent torch codebook (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs, layers,

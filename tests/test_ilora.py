@@ -1,5 +1,5 @@
 """I-LoRA (tinyslim/adapters/ilora.py), ER and Seq-LoRA (baselines.py), the reservoir (replay.py);
-methods.md §3, §7.1, §7.2.
+docs/methods.md §3, §7.1, §7.2.
 
 * against an independent torch loop (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs, methods
   (Seq-LoRA, ER, I-LoRA) and I-LoRA variants, over 2–3 tasks: the loss of every step and the fast and

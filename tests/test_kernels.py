@@ -1,4 +1,4 @@
-"""The low-rank mixture kernel (methods.md §8): every backend against the NumPy reference, the reference
+"""The low-rank mixture kernel (docs/methods.md §8): every backend against the NumPy reference, the reference
 against torch autograd, the §8.5 invariants, the autograd Function against central differences, and
 validation of what reaches C. CUDA tests are in tests/test_kernels_cuda.py (`pytest -k cuda`).
 

@@ -1,4 +1,4 @@
-"""Plain LoRA (tinyslim/adapters/lora.py) and Seq-LoRA, methods.md §1 and §7.1.
+"""Plain LoRA (tinyslim/adapters/lora.py) and Seq-LoRA, docs/methods.md §1 and §7.1.
 
 * against an independent torch LoRA GPT (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs and
   adapter configs, float64: logits, loss and every trainable gradient (relative error ≤ 1e-8),

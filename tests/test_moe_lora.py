@@ -1,4 +1,4 @@
-"""The MixLoRA-style MoE-LoRA baseline (tinyslim/adapters/moe_lora.py), methods.md §7.3.
+"""The MixLoRA-style MoE-LoRA baseline (tinyslim/adapters/moe_lora.py), docs/methods.md §7.3.
 
 * against an independent torch top-K MoE over LoRA experts (tests/torch_adapters.py, SLIM's twin with no
   identity experts, no masks, no yielding), float64: the loss and every gradient (router and factors,

@@ -1,4 +1,4 @@
-"""MoLE (tinyslim/adapters/mole.py), methods.md §4, and its baselines NLA and the unnormalised sum
+"""MoLE (tinyslim/adapters/mole.py), docs/methods.md §4, and its baselines NLA and the unnormalised sum
 (tinyslim/adapters/merging.py), §7.4.
 
 * against an independent torch MoLE (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs, source

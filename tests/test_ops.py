@@ -8,7 +8,7 @@ over every row:
 
 * forward equals torch float64                       (rtol 1e-10, atol 1e-12)
 * every input gradient equals torch autograd float64 (a random upstream gradient, not just sum)
-* every input gradient equals central finite differences (relative error < 1e-6, methods.md), on
+* every input gradient equals central finite differences (relative error < 1e-6, docs/methods.md), on
   every entry of small inputs and 24 sampled entries of larger ones
 * non-contiguous, read-only inputs (Fortran order, swapped axes, strided, reversed views) give
   the same results and are never written to
@@ -482,7 +482,7 @@ def test_float32_stays_float32(op, data):
     assert out32.dtype == np.float32, f"{op.name}: float32 inputs gave a {out32.dtype} output"
     for i, g in enumerate(grads32):
         assert g.dtype == np.float32, f"{op.name}: float32 input {i} got a {g.dtype} gradient"
-    # against float64 on the same (float32-rounded) inputs: only float32 arithmetic differs. methods.md's
+    # against float64 on the same (float32-rounded) inputs: only float32 arithmetic differs. docs/methods.md's
     # "equal" (rtol 1e-5, atol 1e-6), plus what a few float32 ulps on the inputs move the exact result by:
     # the error any float32 evaluation may have where the op is ill-conditioned (layer_norm of a nearly
     # constant row, where x - mean cancels), and ~0 elsewhere.

@@ -1,4 +1,4 @@
-"""SLIM (tinyslim/adapters/slim.py), methods.md §2, and its ablation rows.
+"""SLIM (tinyslim/adapters/slim.py), docs/methods.md §2, and its ablation rows.
 
 * against an independent torch SLIM (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs and SLIM
   configs (every variant), float64: the loss and every trainable gradient (router, residual-MLP router,

@@ -1,6 +1,6 @@
 """Independent plain-PyTorch versions of the adapter methods' maths (a helper module, not a test file).
 
-Written from methods.md §1, §3, §6 and §7, not from tinyslim's code: a LoRA linear that forms
+Written from docs/methods.md §1, §3, §6 and §7, not from tinyslim's code: a LoRA linear that forms
 s·(x Aᵀ) Bᵀ with torch matmuls, a GPT forward that returns the residual stream after every block,
 the I-LoRA / ER / Seq-LoRA loss and training loop (torch.optim.Adam, a fresh optimizer per task,
 factor-wise interpolation of the slow copy), Algorithm R, and the COLA training loop (one set of
@@ -100,7 +100,7 @@ def masked_ce(logits, targets, mask):
 # ---- Algorithm R -------------------------------------------------------------------------------
 
 class TwinReservoir:
-    """Reservoir sampling (Algorithm R, methods.md §3.5) on (x, y, mask) rows of equal length."""
+    """Reservoir sampling (Algorithm R, docs/methods.md §3.5) on (x, y, mask) rows of equal length."""
 
     def __init__(self, capacity: int, rng: np.random.Generator):
         self.M, self.rng, self.buf, self.n = capacity, rng, [], 0

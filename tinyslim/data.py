@@ -1,6 +1,6 @@
 """Data: a character tokenizer, the general corpus, and the synthetic knowledge corpus.
 
-The base model is pretrained on two streams of text (see ``shared/spec/experiments.md``):
+The base model is pretrained on two streams of text (see ``docs/experiments.md``):
 
 - **General corpus** -- Python's own documentation, ``pydoc_data.topics`` (about 465 KB of real
   English prose that ships with every CPython, so nothing is downloaded). It is split into train /

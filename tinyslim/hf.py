@@ -6,7 +6,7 @@
     load_peft_adapter(model, "out/adapter")     inject PEFT's LoRA into a plain GPT and load its factors
     save_merged(model_or_method, "out/merged")  W0 + ΔW as a plain GPT-2 (LoRA, COLA, I-LoRA's slow learner)
 
-Orientation (methods.md §1.2): tinyslim stores every Linear weight (out, in); GPT-2's Conv1D
+Orientation (docs/methods.md §1.2): tinyslim stores every Linear weight (out, in); GPT-2's Conv1D
 (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) stores (in, out), so those weights are
 transposed on the way out and back on the way in. LoRA factors are not: PEFT keeps ``lora_A`` (r, in)
 and ``lora_B`` (out, r) for Conv1D too, and says so with ``fan_in_fan_out: true`` (its merge adds ΔWᵀ).

@@ -1,4 +1,4 @@
-"""The low-rank mixture op as an autograd Function (methods.md §8), dispatching to a kernel backend.
+"""The low-rank mixture op as an autograd Function (docs/methods.md §8), dispatching to a kernel backend.
 
 Shape legend: N tokens, D in, O out, r rank, E experts, k top-k.
     x (N, D)   A (E, r, D)   B (E, O, r)   Δ (N, O)

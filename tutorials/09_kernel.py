@@ -2,7 +2,7 @@
 # # 09 · The low-rank mixture kernel
 #
 # Every method in tinyslim — plain LoRA, MoLE, SLIM, ELDER, COLA, I-LoRA — spends its adapter time
-# in one operator (methods.md §8):
+# in one operator (docs/methods.md §8):
 #
 # $$y_n = \sum_{e=1}^{E} G[n,e]\; s_e\; B_e A_e x_n, \qquad n = 1..N,$$
 #
@@ -20,7 +20,7 @@
 # %%
 import os
 
-# Equal thread counts for every contender (benchmarks.md): one BLAS thread and one kernel thread.
+# Equal thread counts for every contender (docs/benchmarks.md): one BLAS thread and one kernel thread.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TINYSLIM_NUM_THREADS", "1")
 import time  # noqa: E402
@@ -95,7 +95,7 @@ def rel_err(got, want):
 
 backends = ["numpy"] + (["cpu"] if HAVE_CPU else [])
 for dtype, tol in ((np.float64, 1e-12), (np.float32, 3e-5)):
-    x, A, B, G, s = problem(300, 100, 72, 5, 4, dtype)  # the ragged shape of benchmarks.md
+    x, A, B, G, s = problem(300, 100, 72, 5, 4, dtype)  # the ragged shape of docs/benchmarks.md
     dy = rng.standard_normal((300, 72)).astype(dtype)
     want = reference.forward(x.astype(np.float64), A.astype(np.float64), B.astype(np.float64),
                              G.astype(np.float64), s.astype(np.float64))
@@ -148,7 +148,7 @@ assert np.allclose(dG_rank_space, dG_explicit, rtol=1e-10, atol=1e-10)
 # %% [markdown]
 # ## 3. The roofline
 #
-# Count the work (benchmarks.md), with $k$ the experts a token uses ($k = E$ dense, $k$ for top-k,
+# Count the work (docs/benchmarks.md), with $k$ the experts a token uses ($k = E$ dense, $k$ for top-k,
 # 1 per-token) and $w = 4$ bytes:
 #
 # $$F_{fwd} = 2\,N k r (D + O), \qquad

@@ -9,13 +9,13 @@ The four verbs (loralib / PEFT):
     inject(model, config, seed)          wrap every targeted Linear as config.make_layer(linear, streams)
     mark_only_adapters_trainable(model)  only the adapters' trainable factors get gradients
     adapter_state_dict(model)            {"transformer.h.0.attn.c_attn.lora_A": A, ...}
-    merge(model) / unmerge(model)        W0 ← W0 ± ΔW in every adapted layer (methods.md §1.4)
+    merge(model) / unmerge(model)        W0 ← W0 ± ΔW in every adapted layer (docs/methods.md §1.4)
 
 An adapted layer keeps the frozen Linear as its child ``base_layer`` (as PEFT does), so the base
 weight of ``transformer.h.0.attn.c_attn`` is named ``transformer.h.0.attn.c_attn.base_layer.weight``
 while the adapter is attached; ``merge_and_unload`` gives the plain names back.
 
-RNG discipline (methods.md §0): every random purpose (``init``, ``dropout``, ``reservoir``, ``reinit``
+RNG discipline (docs/methods.md §0): every random purpose (``init``, ``dropout``, ``reservoir``, ``reinit``
 …) has its own ``numpy.random.Generator``, derived from (seed, stream name) only. Switching a feature
 on therefore never shifts another stream — "m = 1 equals LoRA" and "γ = 0 equals ER" rely on it.
 """
@@ -124,7 +124,7 @@ class AdaptedLinear(Module):
         delta = self.adapter_delta(x.reshape(-1, self.in_features))  # (N, O)
         return y + delta.reshape(*lead, self.out_features)
 
-    # ---- merge / unmerge (methods.md §1.4) -----------------------------------------------------
+    # ---- merge / unmerge (docs/methods.md §1.4) -----------------------------------------------------
     def merge(self):
         """W0 ← W0 + ΔW; the forward then skips the low-rank path."""
         if self.merged:
@@ -483,7 +483,7 @@ def token_context(layers, **values):
     """Set attributes on every layer for the forward passes inside the block, then put None back.
 
     Per-batch facts an adapted layer cannot see in its (N, D) input, e.g. ``token_mask`` (B, T), the
-    real (non-pad) tokens, for statistics and balance losses that must leave padding out (methods.md §0)."""
+    real (non-pad) tokens, for statistics and balance losses that must leave padding out (docs/methods.md §0)."""
     for layer in layers:
         for key, value in values.items():
             setattr(layer, key, value)

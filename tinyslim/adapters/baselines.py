@@ -1,4 +1,4 @@
-"""The continual-learning baselines of I-LoRA (methods.md §7.1, §7.2), as Methods.
+"""The continual-learning baselines of I-LoRA (docs/methods.md §7.1, §7.2), as Methods.
 
 Seq-LoRA (method name "lora"): one LoRA (§1) trained on the tasks in order, CE only,
     L = CE(X_cur)                                    Adam state reset at every task start
@@ -22,7 +22,7 @@ __all__ = ["SeqLoraConfig", "SeqLoRA", "ERConfig", "ER"]
 
 @dataclass
 class SeqLoraConfig(LoraConfig):
-    """Seq-LoRA: the LoRA of I-LoRA's fast learner (methods.md §3.8), trained task after task."""
+    """Seq-LoRA: the LoRA of I-LoRA's fast learner (docs/methods.md §3.8), trained task after task."""
 
     target_modules: list | str = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj"])
     reset_optimizer_per_task: bool = True  # zero Adam's moments and step count at every task start
@@ -43,7 +43,7 @@ class SeqLoRA(Method):
 
 @dataclass
 class ERConfig(SeqLoraConfig):
-    """ER: Seq-LoRA plus reservoir replay (methods.md §3.5, §7.2)."""
+    """ER: Seq-LoRA plus reservoir replay (docs/methods.md §3.5, §7.2)."""
 
     buffer_size: int = 200  # M examples; 0 = no buffer (then ER is Seq-LoRA)
     replay_batch_size: int | None = None  # None = the current batch size b

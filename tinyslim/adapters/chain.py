@@ -1,4 +1,4 @@
-"""COLA — Chain of LoRA (Xia, Qin, Hazan; arXiv 2401.04151), methods.md §6.
+"""COLA — Chain of LoRA (Xia, Qin, Hazan; arXiv 2401.04151), docs/methods.md §6.
 
 Shape legend: D in, O out, r_j rank of link j, T total optimizer steps of the task.
 
@@ -38,8 +38,8 @@ __all__ = ["ColaConfig", "COLA"]
 
 @dataclass
 class ColaConfig(LoraConfig):
-    """COLA (methods.md §6.6). `lr` is lr0 of the linear decay; None takes the optimizer's learning rate
-    at the first before_task (the runner's, 1e-3 in methods.md)."""
+    """COLA (docs/methods.md §6.6). `lr` is lr0 of the linear decay; None takes the optimizer's learning rate
+    at the first before_task (the runner's, 1e-3 in docs/methods.md)."""
 
     r: int = 4  # rank of every link (r_1 when `ranks` is given)
     lora_alpha: float = 8  # s = α/r = 2, as the paper's 8/16

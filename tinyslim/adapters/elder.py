@@ -1,4 +1,4 @@
-"""ELDER — lifelong editing with a mixture of LoRAs (Li et al., arXiv 2408.11869), methods.md §5.
+"""ELDER — lifelong editing with a mixture of LoRAs (Li et al., arXiv 2408.11869), docs/methods.md §5.
 
 Shape legend: B sequences, T time, N = B·T tokens, D in, O out, r rank, E experts per layer, k top-k,
 L_a adapted layers, d_q query width.
@@ -62,7 +62,7 @@ __all__ = ["ElderConfig", "ElderLinear", "QueryTap", "ElderRouting", "Elder", "k
 
 @dataclass
 class ElderConfig:
-    """ELDER (methods.md §5.7). ``router_lr_scale`` is a knob where the paper is silent (the per-edit
+    """ELDER (docs/methods.md §5.7). ``router_lr_scale`` is a knob where the paper is silent (the per-edit
     optimiser). Measured in scenario C (seed 0, T = 10 / 50, θ = 2): with the spec's defaults every
     edit fits (L_edit 0.7–2.9 → ≤ 0.01 in 30 steps; the logged loss stops at 2.77 = k·L_a·ln k, the
     floor of the guided loss), but training the routers collapses all codes to one (reliability 0.10 /

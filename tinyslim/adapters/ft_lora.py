@@ -1,5 +1,5 @@
-"""FT-LoRA — sequential fine-tuning edits with one LoRA (ELDER's baseline, methods.md §7.5) — and the
-per-edit training loop it shares with ELDER (methods.md §5.5).
+"""FT-LoRA — sequential fine-tuning edits with one LoRA (ELDER's baseline, docs/methods.md §7.5) — and the
+per-edit training loop it shares with ELDER (docs/methods.md §5.5).
 
 Shape legend: B edits edited together (1 in the spec's stream), T time.
 
@@ -43,7 +43,7 @@ def last_block_targets(model, n_blocks: int = 2, module: str = "mlp.c_fc") -> li
 
 
 class EditingMethod(Method):
-    """The sequential editing loop (methods.md §5.5) on the Method contract. A config with
+    """The sequential editing loop (docs/methods.md §5.5) on the Method contract. A config with
     target_modules=None adapts ``mlp.c_fc`` of the last two blocks (resolved at attach)."""
 
     def attach(self, model, seed: int) -> None:
@@ -87,7 +87,7 @@ class EditingMethod(Method):
 
 @dataclass
 class FTLoraConfig(LoraConfig):
-    """FT-LoRA (methods.md §7.5): ELDER's editing budget on one LoRA."""
+    """FT-LoRA (docs/methods.md §7.5): ELDER's editing budget on one LoRA."""
 
     r: int = 32  # E·r: parameter parity with ELDER's pool (variant: 4)
     lora_alpha: float = 32  # s = 1, as ELDER's experts

@@ -1,5 +1,5 @@
 """GRACE-like codebook — lifelong editing by key lookup at one layer (Hartvigsen et al., arXiv 2211.11031),
-the optional baseline of methods.md §7.5.
+the optional baseline of docs/methods.md §7.5.
 
 Shape legend: B sequences, T time, D in, O out of the codebook's layer, n stored keys.
 
@@ -58,7 +58,7 @@ __all__ = ["GraceConfig", "GraceLinear", "Grace", "ReplaceAt", "replace_at"]
 
 @dataclass
 class GraceConfig:
-    """GRACE-like codebook (methods.md §7.5). The per-edit budget is ELDER's (30 Adam steps at 1e-2).
+    """GRACE-like codebook (docs/methods.md §7.5). The per-edit budget is ELDER's (30 Adam steps at 1e-2).
     Measured in scenario C (seeds 0–2, T = 10 / 50): every edit prompt hits its own key and nothing else
     does for ε ≤ 2 (locality 1.00, leak 0), but the value barely moves at lr 1e-2 (reliability 0.27 /
     0.26; at GRACE's own lr 1.0: 0.77 / 0.83). Generality stays at the base's (0.03): at the default layer

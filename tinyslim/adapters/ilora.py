@@ -1,4 +1,4 @@
-"""I-LoRA — interpolation-based LoRA (Ren et al., arXiv 2402.18865), methods.md §3.
+"""I-LoRA — interpolation-based LoRA (Ren et al., arXiv 2402.18865), docs/methods.md §3.
 
 Shape legend: N tokens, D in, O out, r rank, b replay batch, T time, C = d_model, L = n_layer.
 
@@ -16,7 +16,7 @@ Loss (X_rep from the reservoir of replay.py; h^l = the residual stream after blo
 
 "Replay tokens" are the real positions of the replayed rows: padding added by the buffer, and input
 positions holding ``pad_token_id`` when it is set (the task suite's PAD), are left out of the sum and
-of N_rep (methods.md §0: every mean excludes padded positions).
+of N_rep (docs/methods.md §0: every mean excludes padded positions).
 
 The slow pass runs under no_grad, so ∂L/∂h_f^l = γ · 2(h_f^l − h_s^l)/C_n enters the fast pass at the
 output of block l (autograd injects it: the h_f^l are nodes of the fast graph). The slow pass sees
@@ -52,7 +52,7 @@ LEARNERS = ("fast", "slow")
 
 @dataclass
 class ILoraConfig(ERConfig):
-    """I-LoRA (methods.md §3.8): ER's LoRA and buffer plus the slow learner and the consistency loss."""
+    """I-LoRA (docs/methods.md §3.8): ER's LoRA and buffer plus the slow learner and the consistency loss."""
 
     target_modules: list | str = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj"])
     ema_lambda: float = 0.99  # λ; variants 0.25 (the authors' code), 0.999

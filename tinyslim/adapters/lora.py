@@ -1,4 +1,4 @@
-"""Plain LoRA (Hu et al., arXiv 2106.09685), methods.md §1.
+"""Plain LoRA (Hu et al., arXiv 2106.09685), docs/methods.md §1.
 
 Shape legend: N tokens, D in features, O out features, r rank.
 
@@ -11,7 +11,7 @@ Shape legend: N tokens, D in features, O out features, r rank.
 
 The low-rank path is one call to the shared kernel op ``mixture_lowrank`` with E = 1 expert: A as
 (1, r, D), B as (1, O, r) and the per-token index gate form with every index 0 ("every token uses
-adapter 0"), which carries no gate gradient. The backward above is the kernel's (methods.md §8.3).
+adapter 0"), which carries no gate gradient. The backward above is the kernel's (docs/methods.md §8.3).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def lora_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 
 @dataclass
 class LoraConfig:
-    """Plain LoRA (methods.md §1.5). Field names follow PEFT's LoraConfig."""
+    """Plain LoRA (docs/methods.md §1.5). Field names follow PEFT's LoraConfig."""
 
     r: int = 8  # rank
     lora_alpha: float = 16  # s = α/r = 2
@@ -66,7 +66,7 @@ class LoraConfig:
 
 
 class LoraLinear(AdaptedLinear):
-    """A frozen Linear plus s·B A (methods.md §1.1–1.4)."""
+    """A frozen Linear plus s·B A (docs/methods.md §1.1–1.4)."""
 
     adapter_names = ("lora_A", "lora_B")
     trainable_names = ("lora_A", "lora_B")

@@ -1,5 +1,5 @@
 """Composing N frozen, separately trained LoRAs without training: NLA and the unnormalised sum (MoLE's
-baselines, methods.md §7.4), and the frozen LoRA pool they share with MoLE (mole.py).
+baselines, docs/methods.md §7.4), and the frozen LoRA pool they share with MoLE (mole.py).
 
 Shape legend: N tokens, D in, O out, r rank, E = number of source LoRAs (the paper's N).
 
@@ -153,7 +153,7 @@ class MergedLoraLinear(LoraPoolLinear):
 
 @dataclass
 class CompositionConfig:
-    """NLA / sum of frozen LoRAs (methods.md §7.4). `weights` overrides `combine` (a LoRAHub-style vector)."""
+    """NLA / sum of frozen LoRAs (docs/methods.md §7.4). `weights` overrides `combine` (a LoRAHub-style vector)."""
 
     lora_sources: list = field(default_factory=list, repr=False)  # E adapter state dicts of plain-LoRA models
     lora_scales: float | list = 2.0  # s_i = α_i/r_i: one number or one per source

@@ -1,4 +1,4 @@
-"""MixLoRA-style MoE-LoRA (Li et al., arXiv 2404.15159), SLIM's baseline and ablation base, methods.md §7.3.
+"""MixLoRA-style MoE-LoRA (Li et al., arXiv 2404.15159), SLIM's baseline and ablation base, docs/methods.md §7.3.
 
 Shape legend: N tokens, D in, O out, r rank, E experts, K top-K.
 
@@ -11,7 +11,7 @@ No identity experts, no yielding, no masks, no L1 (balance_coef stays 0, as for 
 only differences from SLIM are SLIM's components). It *is* SLIM (slim.py) with
 ``n_identity_experts=0, drop_p=0, l1_coef=0`` (and γ = 0, which changes nothing without identity
 experts): the same layer, the same random draws, so SLIM under those settings is this baseline bit
-for bit (methods.md §2.10 invariant 4).
+for bit (docs/methods.md §2.10 invariant 4).
 
     from tinyslim.adapters import make_method
     moe = make_method("moe_lora", n_lora_experts=4, top_k=2, r=4)

@@ -1,4 +1,4 @@
-"""MoLE — Mixture of LoRA Experts (Wu, Huang, Wei; arXiv 2404.13628), methods.md §4.
+"""MoLE — Mixture of LoRA Experts (Wu, Huang, Wei; arXiv 2404.13628), docs/methods.md §4.
 
 Shape legend: N tokens, D in, O out, r rank, E = number of frozen source LoRAs (the paper's N),
 B batch, T time.
@@ -54,7 +54,7 @@ __all__ = ["MoleConfig", "MoleLinear", "Mole", "balance_loss"]
 
 @dataclass
 class MoleConfig(CompositionConfig):
-    """MoLE (methods.md §4.6); lora_sources / lora_scales as in CompositionConfig."""
+    """MoLE (docs/methods.md §4.6); lora_sources / lora_scales as in CompositionConfig."""
 
     gate_granularity: str = "token"  # a gate per adapted linear; "layer": one per block
     gate_pool: str = "token"  # "sequence": mean-pool U over the sequence, one gate per sequence
@@ -245,7 +245,7 @@ class Mole(_FrozenPoolMethod):
 
     @contextlib.contextmanager
     def masked(self, subset):
-        """Inference with only `subset` of the sources (Mode 2 of methods.md §4.5) inside the block."""
+        """Inference with only `subset` of the sources (Mode 2 of docs/methods.md §4.5) inside the block."""
         previous = self.layers()[0].keep
         self.set_mask(subset)
         try:

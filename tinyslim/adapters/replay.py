@@ -1,4 +1,4 @@
-"""The reservoir replay buffer shared by ER and I-LoRA (methods.md §3.5, §7.2).
+"""The reservoir replay buffer shared by ER and I-LoRA (docs/methods.md §3.5, §7.2).
 
 Shape legend: B batch, T time, b replay batch size.
 

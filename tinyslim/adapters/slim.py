@@ -1,4 +1,4 @@
-"""SLIM — Soft LoRA and Identity Mixture (Han et al., arXiv 2410.07739), methods.md §2.
+"""SLIM — Soft LoRA and Identity Mixture (Han et al., arXiv 2410.07739), docs/methods.md §2.
 
 Shape legend: N tokens, D in, O out, r rank, E = E_L + E_I experts, K top-K, C_n clusters.
 
@@ -72,7 +72,7 @@ __all__ = ["SlimConfig", "SlimLinear", "SLIM", "ABLATIONS", "make_slim_ablation"
 
 @dataclass
 class SlimConfig:
-    """SLIM (methods.md §2.8)."""
+    """SLIM (docs/methods.md §2.8)."""
 
     n_lora_experts: int = 4  # E_L
     n_identity_experts: int = 2  # E_I
@@ -143,7 +143,7 @@ def drop_probabilities(p: float) -> tuple:
 
 
 class SlimLinear(AdaptedLinear):
-    """A frozen Linear plus a routed mixture of LoRA and identity experts (methods.md §2.2)."""
+    """A frozen Linear plus a routed mixture of LoRA and identity experts (docs/methods.md §2.2)."""
 
     adapter_names = ("lora_A", "lora_B", "router_weight", "router_bias", "cluster_mu", "cluster_sigma")
     trainable_names = ("lora_A", "lora_B", "router_weight", "router_bias")
@@ -417,7 +417,7 @@ class SLIM(Method):
                 for name, layer in zip(self.adapted, self.layers())}
 
 
-# ---- ablations (methods.md §7.3) -------------------------------------------------------------------
+# ---- ablations (docs/methods.md §7.3) -------------------------------------------------------------------
 
 ABLATIONS = {
     # the ladder, from the MixLoRA-style baseline up to full SLIM
@@ -430,7 +430,7 @@ ABLATIONS = {
     "slim-no-identity": dict(n_identity_experts=0),
     "slim-no-yielding": dict(gamma=0.0),
     "slim-no-masks": dict(drop_p=0.0),
-    # methods.md §2.8's defaults whatever overrides are given to the other rows (scenario A runs SLIM with
+    # docs/methods.md §2.8's defaults whatever overrides are given to the other rows (scenario A runs SLIM with
     # toy-tuned γ, L1 and p, and shows this row beside it)
     "slim-spec": dict(gamma=1.0, l1_coef=1e-3, drop_p=0.3),
 }

@@ -1,4 +1,4 @@
-"""The toy worlds in which each paper's claim is tested (``shared/spec/experiments.md``).
+"""The toy worlds in which each paper's claim is tested (``docs/experiments.md``).
 
 continual   -- scenario A: a method trained through a sequence of tasks; accuracy matrix, ACC, BWT
                and the general capability it loses (``run_continual``, ``run_methods``).

@@ -2,7 +2,7 @@
 
 ``evaluate_claims(doc)`` reads a suite document (suite.run_suite) and returns one row per claim:
 
-    paper, claim            what the paper says (methods.md §2.11, 3.11, 4.9, 5.10, 6.9)
+    paper, claim            what the paper says (docs/methods.md §2.11, 3.11, 4.9, 5.10, 6.9)
     paper_numbers           the paper's own numbers, quoted
     test                    the ordering checked in the toy world, in symbols
     toy                     the toy numbers (mean over seeds)
@@ -216,7 +216,7 @@ def _elder_claims(doc) -> list[dict]:
          "at the longest stream: generality(ELDER) > generality(FT-LoRA) and reliability(ELDER) ≥ "
          "reliability(FT-LoRA) − 0.1", {"elder", "ft_lora"}, generality),
         ("FT-LoRA's reliability on early edits decays as the stream grows (the baseline's failure)",
-         "(experiments.md: the failure ELDER's routing and deferral exist to fix)",
+         "(docs/experiments.md: the failure ELDER's routing and deferral exist to fix)",
          f"FT-LoRA first-{k} reliability after the longest stream < after the shortest", {"elder", "ft_lora"},
          early_edit_decay),
         ("a GRACE-like codebook keeps unrelated prompts unchanged, unlike FT-LoRA (the spec's toy target: "

@@ -18,7 +18,7 @@
                  every gate and token of the union), the entropy of q and the mean per-token entropy
     5. masking   MoLE with LoRA j masked out (G'_i = G_i·1[i≠j] / Σ_{l≠j} G_l, no retraining): the
                  other tasks should keep their score and task j should drop; and MoLE with only LoRA j
-                 kept, which is LoRA j alone (methods.md §4.8, invariant 1)
+                 kept, which is LoRA j alone (docs/methods.md §4.8, invariant 1)
 
 Everything returned is JSON-serialisable. Shape legend: B batch, T time, K source LoRAs.
 """

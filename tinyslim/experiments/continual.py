@@ -14,7 +14,7 @@ tasks in order with the method's hooks, knowing no method by name:
             the base model, held-out-template fact recall
 
 The optimiser state is reset at every task boundary for every method: carrying Adam's moments
-into a new task wrecks plasticity (experiments.md, calibration notes). The learning rate follows one
+into a new task wrecks plasticity (docs/experiments.md, calibration notes). The learning rate follows one
 schedule within each task for every method (linear decay to 0 by default); the runner sets it
 *before* the hooks, so a method that owns its learning rate (COLA, whose default schedule is this same
 line) has the last word. Metrics: metrics.py.
@@ -46,7 +46,7 @@ class ContinualConfig:
     """Settings of scenario A, shared by every method so that only the method differs.
 
     Calibrated on the shipped tiny base so that plain Seq-LoRA learns every task to >= 90% right
-    after training on it and then clearly forgets it (experiments.md). What was measured (seed 0
+    after training on it and then clearly forgets it (docs/experiments.md). What was measured (seed 0
     unless said; one process on one BLAS thread; the first three points with a NumPy LoRA stand-in
     of the same maths, written before tinyslim.adapters existed):
 
@@ -201,7 +201,7 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
     R = {name: np.zeros((T, T)) for name in learners}
     general_rows = {name: [] for name in learners}
     train_log, eval_s, losses = [], 0.0, []
-    # the runner's own streams (methods.md §0); the method draws from its own (init, reservoir, …)
+    # the runner's own streams (docs/methods.md §0); the method draws from its own (init, reservoir, …)
     data_rng, step_rng = stream(seed, "runner/data"), stream(seed, "runner/model-dropout")
     schedule = LRScheduler.SCHEDULES[config.lr_schedule]
 

@@ -9,11 +9,11 @@ cities, 4 paraphrase templates). ``run_editing`` builds one stream of T_max edit
     for calibrating θ and the other two measure generality
 
 and trains each method through the stream, one ``method.edit(x, y, mask)`` per edit (Adam reset per
-edit, n_iter steps, batch of one; methods.md §5.5), on a copy of the base model. After the first T
+edit, n_iter steps, batch of one; docs/methods.md §5.5), on a copy of the base model. After the first T
 edits, for every T in ``stream_lengths`` (the stream is shared, so T = 10 is a prefix of T = 50):
 
     reliability   edit prompts, teacher forced: the rate at which every argmax on "City.\\n" is right
-                  (= the greedy answer is the edited city); also the token accuracy (methods.md §5.6), which
+                  (= the greedy answer is the edited city); also the token accuracy (docs/methods.md §5.6), which
                   is inflated here: the base already scores ~0.85, since after a city's first letters the
                   rest of its name, the full stop and the newline are predictable
     generality    the same facts in the two other (non-calibration) templates, same measures
@@ -31,7 +31,7 @@ ELDER's deferral is a per-sequence switch (z = 0 rows are the base model bit for
 z, depends only on the prompt), so one forward with deferral off plus the base model's own forward
 give the metrics at every threshold: prediction(θ) = on-prediction where min-Hamming < θ, else the
 base's. That is the θ sweep (θ ∈ {2, 4, …, 2k·L_a + 2}: the generality-vs-locality curve), and the
-calibration of methods.md §5.4: on a held-out set — the calibration paraphrases of the edits (z
+calibration of docs/methods.md §5.4: on a held-out set — the calibration paraphrases of the edits (z
 should be 1) and unrelated prompts (another set of untouched entities and other pydoc windows; z
 should be 0), disjoint from every evaluation set — pick the θ with the best balanced accuracy of z
 (ties: the smaller θ). Metrics are reported at the default θ = k·L_a/2 and at the calibrated θ.

@@ -8,7 +8,7 @@ run to a worker process, each worker single-threaded, and gets ~n× the throughp
     results, seconds, used = run_jobs([Job("er seed 0", fn, args), …], base_model, workers=2)
 
 ``fn(base_model, *args)`` must be a module-level function (workers import it by name). Every run is
-seeded by its own arguments (methods.md §0 streams) and uses one kernel thread (the C kernels sum dA,
+seeded by its own arguments (docs/methods.md §0 streams) and uses one kernel thread (the C kernels sum dA,
 dB per thread, so the thread count changes the last bits), so the results are bit-identical whatever
 the number of workers and the order in which runs finish (with workers=1, when this process's NumPy
 also runs on one BLAS thread, as `make demo` sets: OpenBLAS's results change with its thread count). Workers are started with "spawn" and

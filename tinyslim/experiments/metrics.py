@@ -1,4 +1,4 @@
-"""Continual-learning metrics on an accuracy matrix (methods.md §3.7, experiments.md scenario A).
+"""Continual-learning metrics on an accuracy matrix (docs/methods.md §3.7, docs/experiments.md scenario A).
 
 R[i][j] is the accuracy on task j after training through task i (i, j = 0..T−1; row i is filled
 after task i). Pure functions of R: no model, no state.

@@ -137,7 +137,7 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
         out += ["Settings beyond the scenario's shared ones (the knobs the papers leave open, tuned on seed 0; "
                 "`tinyslim/experiments/suite.py` records what each setting tried gave): " + "; ".join(
                     f"{m}: " + ", ".join(f"{k} = {v}" for k, v in args.items()) for m, args in doc["method_args"].items())
-                + ". `slim-spec` is SLIM at methods.md's defaults.", ""]
+                + ". `slim-spec` is SLIM at docs/methods.md's defaults.", ""]
     if doc.get("size") == "tiny":
         out += ["**Size tiny: a smoke test of the code paths. The numbers below mean nothing.**", ""]
     out += ["## The papers' claims in the toy world", "",

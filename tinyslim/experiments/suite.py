@@ -33,11 +33,11 @@ __all__ = ["SIZES", "SCENARIOS", "suite_configs", "run_suite", "slim_routing_sha
 
 SCENARIOS = ("continual", "chain", "composition", "editing")
 
-# scenario A's rows: the methods, then SLIM's ablation rows (methods.md §7.3) and SLIM at the spec's defaults
+# scenario A's rows: the methods, then SLIM's ablation rows (docs/methods.md §7.3) and SLIM at the spec's defaults
 CONTINUAL_METHODS = ("lora", "er", "ilora", "cola", "moe_lora", "slim",
                      "slim-no-identity", "slim-no-yielding", "slim-spec")
 
-# SLIM in the toy world: the knobs the paper leaves open (methods.md §2.9: γ, the L1 coefficient, the drop
+# SLIM in the toy world: the knobs the paper leaves open (docs/methods.md §2.9: γ, the L1 coefficient, the drop
 # ratio p), tuned on seed 0 at the quick size (rev, cap, sft × 600 steps; "learned" = mean accuracy right after
 # each task, "agree" = top-1 agreement with the base on pydoc text after the last task; Seq-LoRA: 99.8 / 1.7):
 #   γ    L1      p     learned  agree
@@ -104,7 +104,7 @@ def suite_configs(size: str) -> dict:
 # ---- SLIM's routing diagnostic -------------------------------------------------------------------------
 
 def slim_routing_shares(method, tasks, n_lines: int = 32, n_windows: int = 8) -> dict:
-    """Where SLIM routes (methods.md §2.4): per adapted layer, the mean routing weight on identity experts
+    """Where SLIM routes (docs/methods.md §2.4): per adapted layer, the mean routing weight on identity experts
     and the mean sliding-cluster distance d, on in-domain inputs (the test lines of every task) and on
     general text (held-out pydoc windows). SLIM's bet: general text goes to the identity experts."""
     from ..data import PretrainData

@@ -1,4 +1,4 @@
-"""The low-rank mixture kernel behind one function, in three backends (methods.md §8).
+"""The low-rank mixture kernel behind one function, in three backends (docs/methods.md §8).
 
 Shape legend: N tokens, D in, O out, r rank, E experts, k top-k.
     x (N, D)   A (E, r, D)   B (E, O, r)   y, dy (N, O)

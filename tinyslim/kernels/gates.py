@@ -1,4 +1,4 @@
-"""The three gate forms of the low-rank mixture op (methods.md §8.1), as small named containers.
+"""The three gate forms of the low-rank mixture op (docs/methods.md §8.1), as small named containers.
 
 Shape legend: N tokens, E experts, k picks per token.
 

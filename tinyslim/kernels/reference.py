@@ -1,4 +1,4 @@
-"""The low-rank mixture op in plain NumPy: the oracle every backend is tested against (methods.md §8).
+"""The low-rank mixture op in plain NumPy: the oracle every backend is tested against (docs/methods.md §8).
 
 Shape legend: N tokens, D in features, O out features, r rank, E experts, k top-k.
     x (N, D)   A (E, r, D)   B (E, O, r)   G (N, E)   s (E)   m_in (E, D)   m_out (E, O)   y, dy (N, O)

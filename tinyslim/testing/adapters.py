@@ -6,7 +6,7 @@
 
 The method runs through the runner's contract (tinyslim.adapters.Method: attach → before_task → loss →
 backward → optimizer step → after_step → after_task → evaluating) on a small GPT with random weights,
-and five rules are checked (methods.md §0, §1.6):
+and five rules are checked (docs/methods.md §0, §1.6):
 
 1. no-op at init     the freshly attached adapter changes no logit: bit-identical to the base, every learner
 2. adapter-only grads after loss.backward() exactly the trainable parameters have gradients, and every
@@ -15,7 +15,7 @@ and five rules are checked (methods.md §0, §1.6):
 4. save → load       adapter_state_dict → a fresh base + fresh method (another seed) →
                      load_adapter_state_dict gives bit-identical logits for every learner
 5. merge             where the method can merge: merged logits equal unmerged ones, and unmerge restores
-                     W0 (methods.md's "equal": rtol 1e-5, atol 1e-6 in float32; 1e-10 in float64)
+                     W0 (docs/methods.md's "equal": rtol 1e-5, atol 1e-6 in float32; 1e-10 in float64)
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def check_adapter_invariants(method, config=None, *, seed: int = 0, tasks: int =
     """Run the five invariants above on `method` (a fresh, unattached tinyslim.adapters.Method).
 
     config: the base GPTConfig (default: 2 layers, 2 heads, 8 channels, vocabulary 11, float32, the
-    working dtype of methods.md). tasks × steps optimizer steps are taken with Adam(lr); before_task is
+    working dtype of docs/methods.md). tasks × steps optimizer steps are taken with Adam(lr); before_task is
     told `task_steps` steps, so schedule events late in a task (COLA's knots) are not reached. batch:
     (x, y, mask) for method.loss (default: random, B 3 × T 5). can_merge: None detects it (a layer whose
     delta_weight raises NotImplementedError cannot merge), True / False forces it.

@@ -6,7 +6,7 @@
 ``fn`` takes Tensors and returns a Tensor. The check draws a random upstream gradient u (a backward
 that is right only for ``.sum()`` fails), runs ``fn(...).backward(u)``, and compares every input's
 gradient with the numerical derivative of ⟨fn(inputs), u⟩ at all entries of small inputs and a random
-sample of larger ones. The pass criterion (methods.md): relative error ‖analytic − numerical‖ /
+sample of larger ones. The pass criterion (docs/methods.md): relative error ‖analytic − numerical‖ /
 max(‖analytic‖, ‖numerical‖) < 1e-6 over the checked entries of each input.
 """
 from __future__ import annotations

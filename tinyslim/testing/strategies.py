@@ -101,7 +101,7 @@ def views(draw, array=None):
     return as_layout(a, draw(layouts()))
 
 
-# ---- the low-rank mixture op (methods.md §8) ------------------------------------------------------
+# ---- the low-rank mixture op (docs/methods.md §8) ------------------------------------------------------
 
 GATE_FORMS = ("dense", "topk", "index")
 GATE_PATTERNS = ("identical", "uniform", "zipf", "distinct", "segment")
