@@ -2,8 +2,9 @@
 #   make test   create .venv, install tinyslim (editable) with its test extras, build the extension, run the suite
 #               (derandomized: the same hypothesis examples every run; `make test-explore` draws fresh ones)
 #   make demo   create .venv, install tinyslim (editable), build the extension, run `python -m tinyslim demo`
-#               (every method in the three worlds, one seed: runs/demo/report.md + plots, about 6 minutes on 2 cores)
-# Other targets: make info, make bench, make gpu-check, make clean.
+#               (every method in the three worlds, one seed: runs/demo/report.md + plots; the README's
+#               "What you will see" gives its measured run time)
+# Other targets: make test-explore, make info, make bench, make gpu-check, make sanitize, make clean.
 
 PYTHON ?= python3
 VENV   := .venv

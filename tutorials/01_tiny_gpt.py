@@ -77,20 +77,14 @@ for step in range(steps):
 print(f"loss after {steps} steps: {losses[-1]:.3f} (first {losses[0]:.3f})")
 assert np.mean(losses[-5:]) < losses[0] - 0.5
 
-try:
-    import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(losses)
-    ax.set(title="The first training steps", xlabel="step", ylabel="train loss (nats/char)")
-    fig.tight_layout()
-    fig.savefig(OUT / "01_loss.png", dpi=100)
-    print("plot written to", OUT / "01_loss.png")
-except ImportError:
-    print("matplotlib not installed: no plot")
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(losses)
+ax.set(title="The first training steps", xlabel="step", ylabel="train loss (nats/char)")
+fig.tight_layout()
+fig.savefig(OUT / "01_loss.png", dpi=100)
+print("plot written to", OUT / "01_loss.png")
 
 # %% [markdown]
 # ## 4. The pretrained base

@@ -120,26 +120,20 @@ assert np.isclose(result["acc"], acc) and np.isclose(result["bwt"], bwt)  # what
 # which the base model cannot do: 0%). Forgetting is a bright diagonal over a dark lower triangle.
 
 # %%
-try:
-    import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    im = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
-    for i in range(T):
-        for j in range(T):
-            ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", color="w" if R[i, j] < 0.6 else "k")
-    ax.set_xticks(range(T), TASKS)
-    ax.set_yticks(range(T), [f"after {t}" for t in TASKS])
-    ax.set(xlabel="evaluated on task", title=f"Seq-LoRA: ACC {100 * acc:.0f}, BWT {100 * bwt:+.0f}")
-    fig.colorbar(im, ax=ax, label="exact match (%)")
-    fig.tight_layout()
-    fig.savefig(OUT / "03_forgetting_matrix.png", dpi=100)
-    print("plot written to", OUT / "03_forgetting_matrix.png")
-except ImportError:
-    print("matplotlib not installed: no plot")
+fig, ax = plt.subplots(figsize=(4.2, 3.6))
+im = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
+for i in range(T):
+    for j in range(T):
+        ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", color="w" if R[i, j] < 0.6 else "k")
+ax.set_xticks(range(T), TASKS)
+ax.set_yticks(range(T), [f"after {t}" for t in TASKS])
+ax.set(xlabel="evaluated on task", title=f"Seq-LoRA: ACC {100 * acc:.0f}, BWT {100 * bwt:+.0f}")
+fig.colorbar(im, ax=ax, label="exact match (%)")
+fig.tight_layout()
+fig.savefig(OUT / "03_forgetting_matrix.png", dpi=100)
+print("plot written to", OUT / "03_forgetting_matrix.png")
 
 # %% [markdown]
 # ## 5. Why it forgets: the latest map wins
@@ -182,18 +176,25 @@ print(f"general loss increase after the sequence: {result['general_loss_increase
 # %% [markdown]
 # ## 7. What this run shows
 #
-# At full size (800 steps per task, seed 0) Seq-LoRA learns each task right after training on it
-# (diagonal 98, 99, 100%), then loses the earlier ones completely (final row 0, 0, 100%): ACC 33.3,
-# BWT −98.5 points. 94% of the final model's `rev` answers and 92% of its `cap` answers are exactly
-# the `sft` map of the input: the tag is ignored, the latest map wins. Over 3 seeds of the full scenario A (5 tasks × 800 steps, `python -m tinyslim run
-# continual --seeds 3`) this repo measured ACC 20.0 ± 0.0 and BWT −99.0 ± 0.1 points: exactly "one
-# task survives". The pretraining loss climbs from ~1.2 to above uniform guessing at the same time.
-# Tutorial 05 shows the simplest cure, replaying old examples, and I-LoRA's refinement of it.
+# The cell below puts this run's numbers into words. At full size (800 steps per task) the tutorial
+# also asserts the story it tells: every task is learnt right after training on it (diagonal ≥ 80%),
+# then largely forgotten (BWT ≤ −50 points), the pretraining loss goes up, and most of the final
+# model's answers to the old tasks' prompts are exactly the last task's map of the input: the tag is
+# ignored, the latest map wins. The same holds over seeds and over five tasks: see the README's
+# results at full size (`python -m tinyslim run continual --seeds 3`). Tutorial 05 shows the simplest
+# cure, replaying old examples, and I-LoRA's refinement of it.
 
 # %%
+diag = ", ".join(f"{100 * v:.0f}" for v in np.diag(R))
+final = ", ".join(f"{100 * v:.0f}" for v in R[-1])
+as_last = " and ".join(f"{v:.0%} of its `{t.name}` answers" for t, v in zip(tasks[:-1], latest_map))
+print(f"Right after training on each task, Seq-LoRA scored {diag}% on it (the diagonal); the final model scores "
+      f"{final}% on {', '.join(TASKS)}: ACC {100 * acc:.1f}, BWT {100 * bwt:+.1f} points. {as_last[0].upper()}"
+      f"{as_last[1:]} are exactly the `{last.tag}` map of the input. The pretraining loss went from "
+      f"{base_g['val_loss']:.2f} to {base_g['val_loss'] + result['general_loss_increase']:.2f} nats/char.")
 if not FAST:
-    assert np.diag(R).min() >= 0.8  # each task learnt right after training on it (measured 97-100%)
-    assert bwt <= -0.5  # and then largely forgotten (measured about −0.97)
-    assert result["general_loss_increase"] > 0  # the pretraining loss went up (measured about +8 nats/char)
-    assert min(latest_map) > 0.5  # old prompts get the last task's map (measured 92-94%)
+    assert np.diag(R).min() >= 0.8  # each task learnt right after training on it
+    assert bwt <= -0.5  # and then largely forgotten
+    assert result["general_loss_increase"] > 0  # the pretraining loss went up
+    assert min(latest_map) > 0.5  # old prompts get the last task's map
 print("tutorial 03 checks passed")

@@ -118,10 +118,10 @@ for name in cola3.adapted[:3]:
 # Same task, rank, seed, data order and learning-rate line; only the number of links differs. We
 # report the training loss over the last 10% of steps and the exact match on held-out prompts.
 #
-# An honest note from writing this tutorial: on the tiny GPT the effect the paper reports is small or
-# absent. Measured at T = 600 with rank 1, seed 0: on `sft` final loss 1.75 (m = 1) vs 1.72 (m = 3),
-# on `rev` 1.80 vs 1.79, all at ~0% exact match (rank 1 is too small for either to solve the task). Whatever this run prints is what it found; the spec asks for 5 seeds before
-# any claim (`python -m tinyslim run`).
+# Whatever this run prints is what it found, and the comparison is reported, not asserted: the
+# effect the paper reports can be small or absent on the tiny GPT, and when the rank is too small for
+# either run to solve the task both stay near 0% exact match. One seed proves nothing either way;
+# `python -m tinyslim run all --seeds 3` tests COLA's claim on three.
 
 # %%
 cola1, losses1, _, _ = run_chain(1)
@@ -136,28 +136,25 @@ for m, cola, losses in ((1, cola1, losses1), (3, cola3, losses3)):
 rank1 = max(np.linalg.matrix_rank((w - cola1.W0[n]).astype(np.float64), tol=1e-5)
             for n, w in cola1.merged_weights().items())
 print(f"plain LoRA's update has rank {rank1}; the chain's has rank up to {3 * RANK}")
+better = "lower" if results[3][0] < results[1][0] else "not lower"
+print(f"in this run, m = 3's final training loss is {better} than m = 1's ({results[3][0]:.3f} vs {results[1][0]:.3f} "
+      f"nats/char), at {results[3][1]:.0%} vs {results[1][1]:.0%} exact match")
 assert rank1 <= RANK
 
-try:
-    import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3))
-    smooth = lambda v: np.convolve(v, np.ones(10) / 10, mode="valid")  # noqa: E731
-    ax.plot(smooth(losses1), label="m = 1 (plain LoRA)")
-    ax.plot(smooth(losses3), label="m = 3 (COLA)")
-    for k in knots:
-        ax.axvline(k["step"], color="gray", ls=":", lw=1)
-    ax.set(title=f"rank {RANK} on {TASK.name}: same budget, dotted = knots", xlabel="step",
-           ylabel="answer loss (nats/char)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(OUT / "04_cola_loss.png", dpi=100)
-    print("plot written to", OUT / "04_cola_loss.png")
-except ImportError:
-    print("matplotlib not installed: no plot")
+fig, ax = plt.subplots(figsize=(5.5, 3))
+smooth = lambda v: np.convolve(v, np.ones(10) / 10, mode="valid")  # noqa: E731
+ax.plot(smooth(losses1), label="m = 1 (plain LoRA)")
+ax.plot(smooth(losses3), label="m = 3 (COLA)")
+for k in knots:
+    ax.axvline(k["step"], color="gray", ls=":", lw=1)
+ax.set(title=f"rank {RANK} on {TASK.name}: same budget, dotted = knots", xlabel="step",
+       ylabel="answer loss (nats/char)")
+ax.legend()
+fig.tight_layout()
+fig.savefig(OUT / "04_cola_loss.png", dpi=100)
+print("plot written to", OUT / "04_cola_loss.png")
 
 # %% [markdown]
 # Both runs learned (the loss fell); the comparison itself is reported, not asserted.

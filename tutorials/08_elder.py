@@ -155,16 +155,19 @@ assert not out_empty["z"].any() and np.array_equal(out_empty["logits"], base_log
 print("with the code table emptied, all rows are deferred and bit-identical to the base (trained experts skipped)")
 
 # %% [markdown]
-# In the runs made while writing this tutorial (4 and 10 edits, seed 0), *every* input — unrelated
-# facts and even general text — got a code at Hamming distance 0 from a stored edit: the preset
-# allocation ("init") copies the router's own top-k, and the untrained routers send all queries to the
-# same experts. Nothing was deferred and locality was low for both methods; the exact z = 0 checks
-# (an empty code table, before and after training) are the ones that held. Deferral only protects
-# inputs whose code differs. This is the kind of finding the toy exists to show.
+# Deferral only protects inputs whose code differs from every stored edit's code. When the routers
+# send most queries to the same experts — the preset allocation ("init") copies the router's own
+# top-k — unrelated inputs get the same code as an edit and are not deferred. The cell below counts,
+# for this run, how many of the unrelated inputs above had a code at Hamming distance 0 from a stored
+# edit, and how many were deferred. Only the exact z = 0 checks are asserted.
 #
-# What the spec's toy claims (reliability ≥ 0.9, locality ≥ 0.95 for ELDER, FT-LoRA decaying) is
-# measured over longer streams and 3 seeds by `python -m tinyslim run`; this short run reports its
-# numbers above and asserts only the exact mechanisms.
+# docs/methods.md §5.10 states the toy target (ELDER keeps reliability and locality high over the
+# stream, FT-LoRA decays); `python -m tinyslim run all --seeds 3` measures it over longer streams and
+# several seeds. This short run reports its numbers and asserts only the exact mechanisms.
 
 # %%
+unrelated = slice(0, len(z) - 2)
+same_code = int((np.asarray(out["min_hamming"])[unrelated] == 0).sum())
+print(f"of {len(z) - 2} unrelated inputs (general text and untouched facts), {same_code} had the exact code of a "
+      f"stored edit and {int((~z[unrelated]).sum())} were deferred to the base model")
 print("tutorial 08 checks passed")
