@@ -402,8 +402,8 @@ def _bench(argv: list[str]) -> int:
 def _suite_options(p, default_size: str, prefix: str = "", frontier: bool = False) -> None:
     from .experiments.suite import SCENARIOS, SIZES
     p.add_argument("--size", choices=sorted(SIZES), default=default_size,
-                   help=f"{prefix}quick (the demo; its measured time is in the README), full (each scenario's calibrated settings; "
-                   "≈ 9 min a seed on 2 cores), tiny (seconds, meaningless numbers)")
+                   help=f"{prefix}quick (the demo; its measured time is in the README), full (each "
+                   "scenario's calibrated settings; ≈ 9 min a seed on 2 cores), tiny (seconds, meaningless numbers)")
     p.add_argument("--scenarios", default=None, help=f"{prefix}comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument("--no-plots", action="store_true", help=f"{prefix}skip the PNG plots")
     p.add_argument("--workers", type=int, default=None, help=f"{prefix}processes for the independent runs (default: "
