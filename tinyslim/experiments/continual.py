@@ -167,8 +167,12 @@ class GeneralEval:
 
 def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model, seed: int = 0,
                   progress: bool = True, general: GeneralEval | None = None, checkpoint=None,
-                  checkpoint_every: int | None = 100, resume: bool = True, diagnose=None) -> dict:
+                  checkpoint_every: int | None = 100, resume: bool = True, diagnose=None,
+                  optimizer_class=Adam) -> dict:
     """Train `method` through `tasks` in order on a copy of `base_model`; return the result dict.
+
+    optimizer_class: what trains the adapters, made as optimizer_class(params, lr=config.lr); Adam
+    (docs/methods.md §0) unless a study swaps it (slim_dynamics.py runs SLIM under SGD too).
 
     diagnose: an optional ``fn(method, tasks) -> dict`` called on the trained method after the last
     task (e.g. SLIM's routing shares); what it returns is stored as result["diagnostics"].
@@ -190,12 +194,14 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
     if checkpoint_every is not None and (not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
     identity = _run_identity(method, tasks, config, base_model, seed) if checkpoint is not None else None
+    if identity is not None and optimizer_class is not Adam:  # (Adam runs keep their old identity)
+        identity["optimizer"] = optimizer_class.__name__
     general = general or GeneralEval(base_model, config)
     model = copy.deepcopy(base_model)  # the caller's model is never touched
     model.train()
     method.attach(model, seed)
     params = list(method.trainable_parameters())
-    optimizer = Adam(params, lr=config.lr)
+    optimizer = optimizer_class(params, lr=config.lr)
     learners = list(method.learners())
     T = len(tasks)
     R = {name: np.zeros((T, T)) for name in learners}
