@@ -136,7 +136,8 @@ setup(
     version="0.1.0",
     description="LoRA-family fine-tuning and catastrophic forgetting, from first principles in NumPy",
     packages=find_packages(include=["tinyslim", "tinyslim.*"]),
-    package_data={"tinyslim": ["assets/*.safetensors"]},  # the shipped pretrained base model
+    # the shipped pretrained base model and the committed tuning data of scenario A
+    package_data={"tinyslim": ["assets/*.safetensors", "experiments/tuning/*.json"]},
     python_requires=">=3.10",
     install_requires=["numpy", "cffi>=1.15", "safetensors", "tqdm", "matplotlib"],
     # Test-only (`make test` installs these): torch 2.13.0 is the CPU build that installs quickly, the float64

@@ -38,7 +38,7 @@ from ..tasks import DEFAULT_TASKS, TASKS, Task, evaluate_task, make_tasks
 from . import metrics
 
 __all__ = ["ContinualConfig", "GeneralEval", "run_continual", "build_method", "run_methods", "methods_doc",
-           "method_overrides", "aggregate", "format_results"]
+           "method_overrides", "parity_rank", "aggregate", "format_results"]
 
 
 @dataclass
@@ -401,15 +401,28 @@ def build_method(name: str, config: ContinualConfig, overrides: dict | None = No
     ("slim-no-identity", "slim-no-yielding", "slim-no-masks", …) are names too."""
     from ..adapters import METHODS, SLIM_ABLATIONS, make_method, make_slim_ablation
 
+    rank = parity_rank(name)
+    if rank is not None:  # "lora-r35": plain LoRA at rank 35, same scale α/r as every method
+        overrides = {"r": rank, "lora_alpha": config.lora_alpha / config.rank * rank, **(overrides or {})}
+        name = "lora"
     if name not in METHODS and name not in SLIM_ABLATIONS:
-        raise ValueError(f"unknown method {name!r}; valid names are {sorted(METHODS)} and SLIM's ablation rows "
-                         f"{sorted(set(SLIM_ABLATIONS) - set(METHODS))}")
+        raise ValueError(f"unknown method {name!r}; valid names are {sorted(METHODS)}, SLIM's ablation rows "
+                         f"{sorted(set(SLIM_ABLATIONS) - set(METHODS))} and lora-r<N> (LoRA at rank N)")
     cls = METHODS.get(name) or METHODS["slim"]
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     shared = {k: v for k, v in config.method_defaults().items() if k in fields}
     if name in METHODS:
         return make_method(name, **{**shared, **(overrides or {})})
     return make_slim_ablation(name, **{**shared, **(overrides or {})})
+
+
+def parity_rank(name: str) -> int | None:
+    """N for a row named "lora-r<N>" (plain LoRA at rank N, the parameter-matched baseline of a mixture
+    method), else None."""
+    import re
+
+    match = re.fullmatch(r"lora-r([1-9][0-9]*)", name)
+    return int(match.group(1)) if match else None
 
 
 def method_overrides(specs: list[str], methods: list[str]) -> dict[str, dict]:

@@ -37,7 +37,7 @@ from ..data import VOCAB
 from ..io import atomic_write_bytes
 
 __all__ = ["plot_accuracy_matrices", "plot_forgetting_curves", "plot_mole_gates", "plot_slim_routing",
-           "plot_editing", "plot_deferral_tradeoff", "write_plots", "FILE_NAMES"]
+           "plot_editing", "plot_deferral_tradeoff", "plot_frontier", "write_plots", "FILE_NAMES"]
 
 DPI = 110
 CMAP = "viridis"  # dark = low, in every heatmap
@@ -46,7 +46,7 @@ UNIFORM_NATS = math.log(len(VOCAB))  # loss of a uniform guess over the 97 chara
 FILE_NAMES = {"accuracy_matrices": "accuracy_matrices.png", "forgetting_curves": "forgetting_curves.png",
               "mole_gates": "mole_gates.png", "slim_routing": "slim_routing.png",
               "editing_vs_stream_length": "editing_vs_stream_length.png",
-              "deferral_tradeoff": "deferral_tradeoff.png"}
+              "deferral_tradeoff": "deferral_tradeoff.png", "frontier": "frontier.png"}
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
@@ -240,6 +240,36 @@ def plot_forgetting_curves(continual_doc: dict, path) -> Path:
     n_seeds = max(len(r) for r in results.values())
     _suptitle(fig, "General capability along the task sequence (x = 0: the base model); "
               + (f"mean of {n_seeds} seeds, band ±1 std" if n_seeds > 1 else "one seed"))
+    return _save(fig, path)
+
+
+def plot_frontier(frontier_doc: dict, path) -> Path:
+    """Scenario A's stability–plasticity frontier: per method, its (learned, kept) points, one per learning
+    rate (means over seeds, ±1 std crosses), joined in order of learning rate; the lowest rate is marked."""
+    points = _nonempty(_get(frontier_doc, "points", where="frontier_doc"), "frontier_doc['points']",
+                       "{method: per-seed lists of points}")
+    fig = _figure(7.0, 5.0)
+    ax = fig.subplots()
+    for i, (method, per_seed) in enumerate(points.items()):
+        per_seed = _nonempty(per_seed, f"frontier_doc['points'][{method!r}]", "a list of per-seed point lists")
+        L = np.array([[p["learned"] for p in seed] for seed in per_seed], dtype=np.float64) * 100  # (seeds, lrs)
+        K = np.array([[p["kept"] for p in seed] for seed in per_seed], dtype=np.float64) * 100
+        lrs = [p["lr"] for p in per_seed[0]]
+        order = np.argsort(lrs)
+        x, y = L.mean(0)[order], K.mean(0)[order]
+        style = "o-" if len(order) > 1 else "s"
+        ax.plot(x, y, style, ms=5, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=method)
+        ax.plot(x[:1], y[:1], "o", ms=9, mfc="none", color=f"C{i % 10}")  # the lowest learning rate
+        if len(per_seed) > 1:
+            ax.errorbar(x, y, xerr=L.std(0, ddof=1)[order], yerr=K.std(0, ddof=1)[order], fmt="none",
+                        ecolor=f"C{i % 10}", alpha=0.35, lw=1)
+    ax.set_xlabel("learned: mean accuracy on each task right after training on it (%)", fontsize=9)
+    ax.set_ylabel("kept: top-1 agreement with the base on pydoc text after the last task (%)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    n = len(next(iter(points.values())))
+    _suptitle(fig, "Stability–plasticity frontier: up and right is better; each line runs from the lowest learning "
+              f"rate (open circle) to the highest; mean of {n} seed(s)")
     return _save(fig, path)
 
 
@@ -487,12 +517,13 @@ def plot_deferral_tradeoff(editing_doc: dict, path) -> Path:
 
 def write_plots(report: dict, out_dir) -> dict:
     """Every figure whose section of the report is present (not None); returns {short name: path}."""
-    sections = ("continual", "composition", "editing", "slim_routing")
+    sections = ("continual", "composition", "editing", "slim_routing", "frontier")
     unknown = set(report) - set(sections)
     if unknown:
         raise ValueError(f"report has unknown sections {sorted(unknown)}; expected some of {list(sections)}")
     plots = [  # short name, section, function, whether the section holds this figure's data
         ("accuracy_matrices", "continual", plot_accuracy_matrices, None),
+        ("frontier", "frontier", plot_frontier, lambda d: len(d["factors"]) > 1),
         ("forgetting_curves", "continual", plot_forgetting_curves, None),
         ("mole_gates", "composition", plot_mole_gates, _gate_variants),
         ("slim_routing", "slim_routing", plot_slim_routing, None),

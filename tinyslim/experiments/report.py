@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..io import atomic_write_bytes
 from .claims import evaluate_claims
 from .composition import format_composition
 from .continual import format_results
 from .editing import format_editing
+from .tuning import format_tuning
 
 __all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_seed_summary",
            "format_claims_text"]
@@ -82,14 +85,25 @@ def format_seed_summary(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def format_effect(c: dict) -> str:
+    """"+3.1 [+1.2, +5.0] points": a claim's effect with its 95% interval."""
+    if c["effect"] is None:
+        return "-"
+    if c["ci95"] is None:
+        return f"{c['effect']:+.2f} {c['unit']} (one seed: no interval)"
+    digits = 3 if c["unit"] == "nats" else 1
+    lo, hi = c["ci95"]
+    return f"{c['effect']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {c['unit']}"
+
+
 def _claims_table(claims: list[dict]) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| paper | claim | the paper's numbers | toy test | toy result (mean over seeds) | held on seeds | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| paper | claim (one ordering) | the paper's numbers | toy test | toy result (mean over seeds) | "
+             "effect A − B [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
     for c in claims:
-        verdict = {"held": "**held**", "not held": "**not held**"}.get(c["verdict"], c["verdict"])
+        verdict = f"**{c['verdict']}**" if c["verdict"] in ("supported", "contradicted") else c["verdict"]
         lines.append(f"| {c['paper']} | {esc(c['claim'])} | {esc(c['paper_numbers'])} | {esc(c['test'])} | "
-                     f"{esc(c['toy'])} | {c['held']}/{c['n_seeds']} | {verdict} |")
+                     f"{esc(c['toy'])} | {format_effect(c)} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -101,6 +115,8 @@ PLOT_CAPTIONS = {
     "mole_gates": "Scenario B: MoLE's mean gate per adapted layer and source LoRA.",
     "editing_vs_stream_length": "Scenario C: reliability, generality and locality against the number of edits.",
     "deferral_tradeoff": "Scenario C: ELDER's deferral threshold θ trades generality for locality.",
+    "frontier": "Scenario A: learned accuracy against general capability kept, one point per learning rate "
+                "(seed means; the claims compare each seed's frontiers at matched learned accuracy).",
 }
 
 
@@ -110,10 +126,9 @@ def format_claims_text(claims: list[dict]) -> str:
 
     lines = []
     for c in claims:
-        verdict = f"{c['verdict'].upper()} ({c['held']}/{c['n_seeds']} seeds)"
-        lines.append(f"{c['paper']:<7} {verdict:<22} {c['claim']}")
-        for label, text in (("test", c["test"]), ("toy", c["toy"])):
-            lines += textwrap.wrap(text, 100, initial_indent=f"{'':8}{label}: ", subsequent_indent=" " * 14)
+        lines.append(f"{c['paper']:<7} {c['verdict'].upper():<13} {c['claim']}")
+        for label, text in (("test", c["test"]), ("toy", c["toy"]), ("effect", format_effect(c))):
+            lines += textwrap.wrap(text, 100, initial_indent=f"{'':8}{label}: ", subsequent_indent=" " * 16)
     return "\n".join(lines)
 
 
@@ -131,19 +146,20 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
            "scenario took " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total (wall)") +
            " (summed over its runs).", "",
            "Optimiser state (Adam) is reset at every task boundary for every method. Accuracies are exact match of "
-           "the greedy answer, in %. The size \"quick\" trains less than the scenarios' full settings; its numbers "
-           "are indicative, and the claims need several seeds (`python -m tinyslim run all --seeds 3`).", ""]
-    if doc.get("method_args"):
-        out += ["Settings beyond the scenario's shared ones (the knobs the papers leave open, tuned on seed 0; "
-                "`tinyslim/experiments/suite.py` records what each setting tried gave): " + "; ".join(
-                    f"{m}: " + ", ".join(f"{k} = {v}" for k, v in args.items()) for m, args in doc["method_args"].items())
-                + ". `slim-spec` is SLIM at docs/methods.md's defaults.", ""]
+           "the greedy answer, in %.", ""]
+    out += [_seeds_paragraph(doc), ""]
+    if doc.get("method_settings"):
+        out += ["Scenario A's settings (learning rate, and the knobs a paper leaves open): " + "; ".join(
+            f"{m}: lr {s['lr']:g}" + "".join(f", {k} {v}" for k, v in s["overrides"].items()) + f" ({s['source']})"
+            for m, s in doc["method_settings"].items()) + ".", ""]
     if doc.get("size") == "tiny":
         out += ["**Size tiny: a smoke test of the code paths. The numbers below mean nothing.**", ""]
     out += ["## The papers' claims in the toy world", "",
-            "A claim *holds* on a seed when the strict ordering in \"toy test\" holds on that seed; a tie does not "
-            "hold.", "", "```\n" + format_claims_text(doc["claims"]) + "\n```" if terminal else
-            _claims_table(doc["claims"]), ""]
+            "Each row tests one ordering A > B from the paired per-seed differences A − B over the reported seeds: "
+            "the mean effect with its 95% paired-t interval. *Supported*: the interval lies above 0; "
+            "*contradicted*: below 0; *inconclusive*: it contains 0 (or one seed only). The verdicts come from the "
+            "reported seeds only; a supported claim should stay supported on fresh seeds.", "",
+            "```\n" + format_claims_text(doc["claims"]) + "\n```" if terminal else _claims_table(doc["claims"]), ""]
     sections = [
         ("continual", "Scenario A: continual fine-tuning", lambda c: format_results(
             c["summary"], list(c["config"]["tasks"]), c["base_general"]), ("accuracy_matrices", "forgetting_curves",
@@ -154,6 +170,10 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
         ("editing", "Scenario C: lifelong editing", lambda c: "\n\n".join(format_editing(r) for r in c["runs"]),
          ("editing_vs_stream_length", "deferral_tradeoff")),
     ]
+    if doc.get("frontier") and len(doc["frontier"]["factors"]) > 1:
+        sections.insert(1, ("frontier", "Scenario A: the stability–plasticity frontier", format_frontier, ("frontier",)))
+    if doc.get("tuning"):
+        sections.append(("tuning", "How the settings were chosen (tuning seeds only)", format_tuning, ()))
     for key, title, fmt, figures in sections:
         if not doc.get(key):
             continue
@@ -164,6 +184,36 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
     if len(seeds) > 1 and (doc.get("composition") or doc.get("editing")):
         out += ["## Scenarios B and C over seeds", "", "```", format_seed_summary(doc), "```", ""]
     return "\n".join(out)
+
+
+def _seeds_paragraph(doc: dict) -> str:
+    seeds, tuning = doc["seeds"], doc.get("tuning_seeds") or []
+    text = f"Reported seeds: {', '.join(map(str, seeds))}."
+    if tuning:
+        text += (f" Tuning seeds: {', '.join(map(str, tuning))} (every tuned setting was chosen on these, with the "
+                 "same grid size for every method; see the last section).")
+    else:
+        text += " No tuning data for this size: every method runs the scenario's defaults."
+    if doc.get("seeds_used_for_tuning"):
+        text += (f" **Seeds {', '.join(map(str, doc['seeds_used_for_tuning']))} are tuning seeds: the verdicts below "
+                 "are not evidence.**")
+    if len(seeds) < 5:
+        text += f" {len(seeds)} seed(s) are too few for evidence: `python -m tinyslim run all --seeds 5`."
+    return text
+
+
+def format_frontier(frontier: dict) -> str:
+    """Every method's (learned, kept) point per learning rate, means over seeds."""
+    lines = [f"learned = {frontier['learned']}; kept = {frontier['kept']}; mean over seeds "
+             f"{', '.join(map(str, frontier['seeds']))} (points)",
+             f"{'method':<18} {'lr':>8} {'learned':>8} {'kept':>6} {'ACC':>6} {'BWT':>7}"]
+    for m, per_seed in frontier["points"].items():
+        for i in range(len(per_seed[0])):
+            pts = [seed[i] for seed in per_seed]
+            mean = {k: 100 * np.mean([p[k] for p in pts]) for k in ("learned", "kept", "acc", "bwt")}
+            lines.append(f"{m:<18} {pts[0]['lr']:>8.2g} {mean['learned']:8.1f} {mean['kept']:6.1f} {mean['acc']:6.1f} "
+                         f"{mean['bwt']:7.1f}")
+    return "\n".join(lines)
 
 
 def write_report(doc: dict, out_dir, plots: bool = True, log=print) -> dict:
@@ -183,7 +233,7 @@ def write_report(doc: dict, out_dir, plots: bool = True, log=print) -> dict:
                 {"continual": doc.get("continual"),
                  "composition": doc["composition"]["runs"][0] if doc.get("composition") else None,
                  "editing": doc["editing"]["runs"][0] if doc.get("editing") else None,
-                 "slim_routing": routing.get("slim")}, out_dir).items()}
+                 "slim_routing": routing.get("slim"), "frontier": doc.get("frontier")}, out_dir).items()}
     doc["plots"] = {k: Path(v).name for k, v in written.items()}
     atomic_write_bytes(out_dir / "report.json", json.dumps(doc, indent=1).encode())
     atomic_write_bytes(out_dir / "report.md", render_markdown(doc, written).encode())

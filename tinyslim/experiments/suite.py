@@ -17,6 +17,7 @@ numbers mean nothing).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 
@@ -28,37 +29,23 @@ from .composition import CompositionConfig, run_composition
 from .continual import ContinualConfig, GeneralEval, _jsonable, build_method, methods_doc, run_continual
 from .editing import EditingConfig, run_editing
 from .jobs import Job, run_jobs
+from .tuning import load_tuning, settings_for
 
 __all__ = ["SIZES", "SCENARIOS", "suite_configs", "run_suite", "slim_routing_shares", "editing_headline"]
 
 SCENARIOS = ("continual", "chain", "composition", "editing")
 
-# scenario A's rows: the methods, then SLIM's ablation rows (docs/methods.md §7.3) and SLIM at the spec's defaults
-CONTINUAL_METHODS = ("lora", "er", "ilora", "cola", "moe_lora", "slim",
-                     "slim-no-identity", "slim-no-yielding", "slim-spec")
-
-# SLIM in the toy world: the knobs the paper leaves open (docs/methods.md §2.9: γ, the L1 coefficient, the drop
-# ratio p), tuned on seed 0 at the quick size (rev, cap, sft × 600 steps; "learned" = mean accuracy right after
-# each task, "agree" = top-1 agreement with the base on pydoc text after the last task; Seq-LoRA: 99.8 / 1.7):
-#   γ    L1      p     learned  agree
-#   1    1e-3    0.3     17.8    26    the spec's defaults (800 steps); the L1 sum over ~250k factor entries is
-#                                      ~6 nats at init and swamps the task loss
-#   1    1e-3    0.1      0.3    41
-#   1    1e-3    0        7.3    33
-#   1    0       0.3      1.7    37    the masks alone stop learning ...
-#   0.5  1e-5    0.05    39.3     7    ... even at p = 0.05
-#   1    1e-5    0       62.0    67
-#   1    0       0       86.3    39
-#   0.5  1e-5    0       96.3     6
-#   0.5  0       0       95.3    16    ← within 5 points of Seq-LoRA's learned accuracy: chosen
-#   0    0       0      100.0     3    (no yielding)
-#   multiplicative yielding, γ 0.1, L1 1e-5, p 0 / 0.05: 98.7 / 92.3 learned, 4 / 3 agree
-TOY_SLIM = dict(gamma=0.5, l1_coef=0.0, drop_p=0.0)
-METHOD_ARGS = {"slim": TOY_SLIM, "slim-no-identity": TOY_SLIM, "slim-no-yielding": TOY_SLIM}
+# scenario A's rows: the methods, the parameter-matched LoRAs (lora-r34 ≈ moe_lora's 241,712 trainable
+# parameters, lora-r35 ≈ SLIM's 247,880; a test checks they are the nearest ranks), SLIM's ablation rows and
+# SLIM at its documented defaults. Every row's setting comes from the tuning data (tuning.py).
+CONTINUAL_METHODS = ("lora", "er", "ilora", "cola", "moe_lora", "slim", "slim-no-identity", "slim-no-yielding",
+                     "lora-r34", "lora-r35", "slim-spec")
+# the stability–plasticity frontier: every row but these also runs at its learning rate × each factor
+FRONTIER_FACTORS = (0.5, 1.0, 2.0)
+FRONTIER_SKIP = ("slim-spec",)  # a fixed reference point, not a method being compared
 
 SIZES = {
-    # Calibrated on the shipped base (seed 0, one BLAS thread): 3 tasks × 600 steps, Seq-LoRA learns each
-    # task to 98–100% and keeps 0% of it one task later (BWT −99); 400 steps at lr 6e-3 learned only 4–85%.
+    # 3 tasks × 600 steps: Seq-LoRA learns each task to 98–100% and keeps 0% of it one task later
     "quick": {
         "continual": dict(tasks=("rev", "cap", "sft"), steps=600, n_test=100, eval_batches=2),
         "continual_methods": CONTINUAL_METHODS,
@@ -80,6 +67,7 @@ SIZES = {
         "continual": dict(tasks=("rev", "cap"), steps=6, n_train=64, n_test=8, eval_batches=1, eval_batch_size=4,
                           fact_recall=False),
         "continual_methods": CONTINUAL_METHODS,
+        "frontier_factors": (0.5, 1.0),
         "chain": dict(task="sft", rank=1, steps=6, links=(1, 2, 3), n_test=8, n_train=64),
         "composition": dict(tasks=("rev", "cap"), source_steps=6, mole_steps=4, n_train=64, n_test=8,
                             eval_batches=1, eval_batch_size=4, fact_recall=False),
@@ -97,7 +85,7 @@ def suite_configs(size: str) -> dict:
     s = SIZES[size]
     chain = {"n_train": 2000, "batch_size": 16, "lr": 4e-3, **s["chain"]}
     return {"continual": ContinualConfig(**s["continual"]), "continual_methods": list(s["continual_methods"]),
-            "chain": chain, "composition": CompositionConfig(**s["composition"]),
+            "frontier_factors": tuple(s.get("frontier_factors", FRONTIER_FACTORS)), "chain": chain, "composition": CompositionConfig(**s["composition"]),
             "editing": EditingConfig(**s["editing"])}
 
 
@@ -148,8 +136,11 @@ def _general(base_model, config: ContinualConfig) -> GeneralEval:
 
 
 def continual_job(base_model, name: str, config: ContinualConfig, seed: int, overrides: dict | None,
-                  routing: bool, progress: bool) -> dict:
-    """Scenario A for one method and seed (+ SLIM's routing shares when `routing`)."""
+                  routing: bool, progress: bool, lr: float | None = None) -> dict:
+    """Scenario A for one method and seed, at learning rate `lr` (None: the config's) (+ SLIM's routing
+    shares when `routing`)."""
+    if lr is not None:
+        config = dataclasses.replace(config, lr=lr)
     tasks = make_tasks(config.tasks, seed, config.n_train, config.n_test)
     method = build_method(name, config, overrides)
     return run_continual(method, tasks, config, base_model, seed, progress, _general(base_model, config),
@@ -222,12 +213,34 @@ def _editing_summary(runs: list[dict]) -> dict:
     return out
 
 
+def _continual_label(method: str, factor: float, seed: int) -> str:
+    return f"continual {method} seed {seed}" if factor == 1.0 else f"continual {method} lr×{factor:g} seed {seed}"
+
+
+def _point(lr: float, r: dict) -> dict:
+    return {"lr": lr, "learned": r["learning_acc"], "kept": r["final_general"]["agreement"], "acc": r["acc"],
+            "bwt": r["bwt"]}
+
+
+def _frontier_doc(results: dict, methods: list[str], factors, seeds: list[int], lr_of: dict) -> dict:
+    """Per method and seed, its (learned, kept) points, one per learning rate (frontier.py)."""
+    points = {}
+    for m in methods:
+        fs = [f for f in factors if _continual_label(m, f, seeds[0]) in results]
+        points[m] = [[_point(lr_of[m] * f, results[_continual_label(m, f, seed)]) for f in fs] for seed in seeds]
+    return {"factors": list(factors), "seeds": seeds, "lr": lr_of, "points": points,
+            "learned": "mean accuracy on each task right after training on it",
+            "kept": "top-1 agreement with the base model on held-out pydoc text after the last task"}
+
+
 def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, progress: bool = True,
-              log=print, methods: list[str] | None = None, workers: int = 1) -> dict:
+              log=print, methods: list[str] | None = None, workers: int = 1, frontier: bool = True) -> dict:
     """Every scenario in `scenarios` for every seed; the report's data (see the module docstring).
     `methods` replaces scenario A's method list. `workers` > 1 runs the independent runs (a method and
     seed of scenario A, a chain length and seed, a seed of B or C) on that many processes (jobs.py):
-    the same results, about `workers` times sooner on as many cores."""
+    the same results, about `workers` times sooner on as many cores. Scenario A's settings come from the
+    committed tuning data of the size (tuning.py); with `frontier`, every row but FRONTIER_SKIP also runs at
+    its learning rate × each frontier factor."""
     from ..adapters import SLIM_ABLATIONS
 
     unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -241,16 +254,25 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
     for name in continual_methods:  # fail on a bad name before any training
         build_method(name, configs["continual"])
     slim_like = [m for m in continual_methods if m in SLIM_ABLATIONS and m != "moe_lora"]  # SLIM and its rows
-    overrides = {m: METHOD_ARGS[m] for m in continual_methods if m in METHOD_ARGS}
+    tuning = load_tuning(size)
+    settings = {m: settings_for(m, tuning) for m in continual_methods}  # (lr or None, overrides, source)
+    overrides = {m: o for m, (_, o, _) in settings.items() if o}
+    lr_of = {m: lr or configs["continual"].lr for m, (lr, _, _) in settings.items()}
+    factors = configs["frontier_factors"] if frontier else (1.0,)
+    tuned_on = sorted(set(seeds) & set(tuning["tuning_seeds"])) if tuning else []
+    if tuned_on:
+        log(f"warning: seed(s) {tuned_on} are tuning seeds: the settings were chosen on them, so claims judged "
+            "on them are not evidence")
     inline = progress and workers == 1  # per-step progress bars only when the runs are in this process
     chain = configs["chain"]
 
     # the longest runs first, so that the last worker to finish is not left with a long one
     jobs = [Job(f"composition seed {seed}", composition_job, (configs["composition"], seed, inline))
             for seed in seeds if "composition" in scenarios]
-    jobs += [Job(f"continual {m} seed {seed}", continual_job,
-                 (m, configs["continual"], seed, overrides.get(m), m in slim_like, inline))
-             for seed in seeds for m in continual_methods if "continual" in scenarios]
+    jobs += [Job(_continual_label(m, f, seed), continual_job,
+                 (m, configs["continual"], seed, overrides.get(m), m in slim_like and f == 1.0, inline, lr_of[m] * f))
+             for seed in seeds for m in continual_methods for f in factors
+             if "continual" in scenarios and (f == 1.0 or m not in FRONTIER_SKIP)]
     jobs += [Job(f"editing seed {seed}", editing_job, (configs["editing"], seed, inline))
              for seed in seeds if "editing" in scenarios]
     jobs += [Job(f"chain m={m} seed {seed}", chain_job, (chain, m, seed, inline))
@@ -261,15 +283,19 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
     t_suite = time.perf_counter()
     results, seconds, used = run_jobs(jobs, base_model, workers, log, progress)
 
-    doc = {"size": size, "seeds": seeds, "scenarios": list(scenarios), "workers": used,
+    doc = {"size": size, "seeds": seeds, "tuning_seeds": tuning["tuning_seeds"] if tuning else [],
+           "seeds_used_for_tuning": tuned_on, "scenarios": list(scenarios), "workers": used,
            "run_seconds": seconds, "timings": {}}
     for scenario in SCENARIOS:  # the seconds of each scenario's runs, summed (on one worker: its wall time)
         if scenario in scenarios:
             doc["timings"][scenario] = sum(v for k, v in seconds.items() if k.startswith(scenario))
     if "continual" in scenarios:
-        doc["method_args"] = overrides
-        per_method = {m: [results[f"continual {m} seed {seed}"] for seed in seeds] for m in continual_methods}
+        doc["method_settings"] = {m: {"lr": lr_of[m], "overrides": o, "source": src}
+                                  for m, (_, o, src) in settings.items()}
+        doc["tuning"] = tuning
+        per_method = {m: [results[_continual_label(m, 1.0, seed)] for seed in seeds] for m in continual_methods}
         doc["continual"] = methods_doc(configs["continual"], seeds, overrides, per_method)
+        doc["frontier"] = _frontier_doc(results, continual_methods, factors, seeds, lr_of)
         doc["slim_routing"] = {m: _routing_mean([r["diagnostics"] for r in per_method[m]]) for m in slim_like}
     if "chain" in scenarios:
         rows = {}
