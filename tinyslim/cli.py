@@ -15,34 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-SHIPPED_BASE = Path(__file__).parent / "assets" / "base_tiny.safetensors"
+from .pretrained import SHIPPED_BASE, load_base
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TINYSLIM_CACHE", Path.home() / ".cache" / "tinyslim"))
-
-
-def base_model(progress: bool = True, log=print):
-    """The pretrained tiny base model: the shipped checkpoint, else the cached one, else pretrain
-    it now (minutes on two cores) and cache it. Returns (model, where it came from)."""
-    from .data import CharTokenizer
-    from .io import CheckpointError, load_model, save_model
-    from .nn import GPTConfig
-    from .train import PretrainConfig, pretrain
-
-    expected = GPTConfig(vocab_size=CharTokenizer().vocab_size)
-    cached = _cache_dir() / "base_tiny.safetensors"
-    for path in (SHIPPED_BASE, cached):
-        if path.is_file():
-            try:
-                return load_model(path, expect_config=expected)[0], str(path)
-            except CheckpointError as err:
-                log(f"warning: ignoring {path}: {err}")
-    log(f"no base checkpoint found; pretraining one (about 10 minutes on 2 cores), cached at {cached}")
-    model, _ = pretrain(expected, PretrainConfig(), out=_cache_dir() / "pretrain_state.safetensors",
-                        progress=progress, log=log)
-    save_model(model, cached)
-    return model, f"pretrained now, cached at {cached}"
+def base_model(progress: bool = True, log=print, path=None):
+    """(the base model, where it came from); see tinyslim.load_base."""
+    return load_base(path, progress=progress, log=log, with_source=True)
 
 
 # ---- sub-commands ------------------------------------------------------------------------------

@@ -95,9 +95,9 @@ print("plot written to", OUT / "01_loss.png")
 # and the recall of facts, asked in a wording (template) the model never saw for that entity.
 
 # %%
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 
-base, source = base_model()
+base, source = load_base(with_source=True)
 val = data.val_batches(32, 2 if FAST else 8)
 val_loss = evaluate_loss(base, val)
 print(f"base model from {source}")

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from tinyslim.adapters import (LoraConfig, adapted_layers, inject, mark_only_adapters_trainable, merge,  # noqa: E402
                                merge_and_unload, print_trainable_parameters, unmerge)
 from tinyslim.autograd import no_grad  # noqa: E402
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.data import CharTokenizer  # noqa: E402
 from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
 from tinyslim.tasks import evaluate_task, make_task  # noqa: E402
@@ -62,8 +62,8 @@ OUT.mkdir(parents=True, exist_ok=True)
 
 # %%
 config = LoraConfig(r=8, lora_alpha=16, target_modules=["attn.c_attn", "mlp.c_fc", "mlp.c_proj"])
-reference, _ = base_model()  # an untouched copy, to compare against
-model, source = base_model()
+reference = load_base()  # an untouched copy, to compare against
+model, source = load_base(with_source=True)
 names = inject(model, config, seed=0)
 mark_only_adapters_trainable(model)
 print(f"base from {source}; adapted {len(names)} layers, e.g. {names[:3]}")

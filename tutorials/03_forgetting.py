@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.experiments.continual import ContinualConfig, build_method, run_continual  # noqa: E402
 from tinyslim.experiments.metrics import average_accuracy, backward_transfer, forgetting, learning_accuracy  # noqa: E402
 from tinyslim.tasks import make_tasks  # noqa: E402
@@ -61,7 +61,7 @@ else:  # scenario A's calibrated 800 steps per task (at 400, rev reached only 27
 tasks = make_tasks(config.tasks, seed=0, n_train=config.n_train, n_test=config.n_test)
 for t in tasks:
     print(t, "e.g.", repr(t.train[0][0] + t.train[0][1]))
-base, source = base_model()
+base, source = load_base(with_source=True)
 print(f"base from {source}; {config.steps} steps per task, batch {config.batch_size}, lr {config.lr} (linear decay)")
 
 # %% [markdown]

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tinyslim.adapters import make_method  # noqa: E402
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
 from tinyslim.tasks import evaluate_task, make_task  # noqa: E402
 
@@ -55,7 +55,7 @@ def run_chain(m, watch_knots=False):
     """Train COLA with m links for T steps (the runner's loop); returns the method, its losses and, with
     watch_knots, what each knot did."""
     cola = make_method("cola", chain_len=m, r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
-    cola.attach(base_model()[0], seed=0)
+    cola.attach(load_base(), seed=0)
     params = cola.trainable_parameters()
     opt = Adam(params, lr=4e-3)
     cola.before_task(0, T, opt)  # COLA owns the learning rate from here: lr_t = lr0 (1 − t/T)

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from tinyslim.adapters import adapter_state_dict, load_adapter_state_dict  # noqa: E402
 from tinyslim.autograd import no_grad  # noqa: E402
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.experiments.continual import ContinualConfig, build_method, run_continual  # noqa: E402
 from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
 from tinyslim.tasks import encode_examples, make_tasks  # noqa: E402
@@ -42,7 +42,7 @@ else:  # 400 steps per task (sft and cap are the fastest tasks to learn)
     config = ContinualConfig(tasks=TASKS, steps=400, n_train=2000, n_test=100, eval_batches=1, eval_batch_size=32,
                              fact_recall=False)
 tasks = make_tasks(config.tasks, seed=0, n_train=config.n_train, n_test=config.n_test)
-base, source = base_model()
+base, source = load_base(with_source=True)
 print(f"base from {source}; tasks {TASKS}, {config.steps} steps each")
 
 # %% [markdown]

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from tinyslim.adapters import NLA, LoraSum, Mole, adapter_state_dict, make_method  # noqa: E402
 from tinyslim.adapters.mole import balance_loss  # noqa: E402
 from tinyslim.autograd import no_grad  # noqa: E402
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.data import PAD_ID  # noqa: E402
 from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
 from tinyslim.tasks import evaluate_task, make_tasks  # noqa: E402
@@ -69,7 +69,7 @@ def accuracies(method):
 sources, own = [], []
 for i, task in enumerate(tasks):
     lora = make_method("lora", r=4, lora_alpha=8, target_modules=TARGETS)
-    lora.attach(base_model()[0], seed=i)
+    lora.attach(load_base(), seed=i)
     rng = np.random.default_rng([1, i])
     train(lora, lambda step: task.batch(16, rng), STEPS)
     sources.append(lora)
@@ -97,7 +97,7 @@ scales = [m.config.scale for m in sources]
 results = {}
 for name, cls in (("sum", LoraSum), ("NLA", NLA)):
     method = cls(lora_sources=states, lora_scales=scales)
-    method.attach(base_model()[0], seed=0)
+    method.attach(load_base(), seed=0)
     results[name] = accuracies(method)
 nla = method
 
@@ -119,7 +119,7 @@ nla = method
 
 # %%
 mole = Mole.from_methods(sources, pad_token_id=PAD_ID)
-mole.attach(base_model()[0], seed=0)
+mole.attach(load_base(), seed=0)
 frozen = {n: p.data.copy() for n, p in mole.model.named_parameters() if not p.requires_grad}
 print(f"MoLE trains {sum(p.size for p in mole.trainable_parameters()):,d} numbers "
       f"(the three LoRAs hold {sum(v.size for s in states for v in s.values()):,d}, frozen)")

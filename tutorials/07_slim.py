@@ -23,7 +23,7 @@ from tinyslim import kernels  # noqa: E402
 from tinyslim.adapters import SLIM  # noqa: E402
 from tinyslim.adapters.slim import drop_probabilities  # noqa: E402
 from tinyslim.autograd import Tensor, no_grad  # noqa: E402
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.data import PAD_ID, PretrainData  # noqa: E402
 from tinyslim.optim import Adam, clip_grad_norm_  # noqa: E402
 from tinyslim.tasks import evaluate_task, make_task  # noqa: E402
@@ -48,9 +48,9 @@ OUT.mkdir(parents=True, exist_ok=True)
 # defaults of docs/methods.md §2.8 ($E_L = 4$, $E_I = 2$, $K = 2$, r = 4, MLP layers) to the base model.
 
 # %%
-reference, _ = base_model()
+reference = load_base()
 slim = SLIM(pad_token_id=PAD_ID)
-slim.attach(base_model()[0], seed=0)
+slim.attach(load_base(), seed=0)
 layer = slim.layers()[0]
 print(layer)
 print(f"{len(slim.adapted)} adapted layers; trainable numbers: "

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from tinyslim.adapters import Elder, FTLoRA, key_positions  # noqa: E402
 from tinyslim.autograd import no_grad  # noqa: E402
-from tinyslim.cli import base_model  # noqa: E402
+from tinyslim import load_base  # noqa: E402
 from tinyslim.data import CharTokenizer, PretrainData, render  # noqa: E402
 from tinyslim.tasks import encode_examples  # noqa: E402
 from tinyslim.train import greedy_answers  # noqa: E402
@@ -42,9 +42,9 @@ tok = CharTokenizer()
 # LoRA branch entirely: the base model, bit for bit.
 
 # %%
-reference, _ = base_model()
+reference = load_base()
 elder = Elder(n_experts=8, top_k=2)
-elder.attach(base_model()[0], seed=0)
+elder.attach(load_base(), seed=0)
 print(f"adapted: {elder.adapted}; E = 8, k = 2, θ = {elder.theta}")
 
 kb = PretrainData(block_size=128, seed=0).kb
@@ -82,7 +82,7 @@ assert all(np.all(c.sum(axis=1) == 2) for c in codes)  # k ones per layer block
 
 # %%
 ft = FTLoRA()
-ft.attach(base_model()[0], seed=0)
+ft.attach(load_base(), seed=0)
 for p, a in edits:
     ex = batch([(p, a)])
     elder.edit(*ex)

@@ -283,9 +283,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
 
-    from ..cli import base_model
+    from ..pretrained import load_base
 
-    model, _ = base_model(progress=False)
+    model = load_base(progress=False)
     runs = slim_dynamics(model, variants, tuple(t.strip() for t in args.tasks.split(",")), args.steps, args.seed,
                          args.every, args.sgd_lr, progress=args.progress)
     print(format_table(runs) + ("\n\n" + format_layers(runs) if args.layers else ""))
