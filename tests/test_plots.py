@@ -186,3 +186,23 @@ def test_a_wrongly_shaped_accuracy_matrix_is_named(tmp_path):
     doc["summary"]["lora"]["acc_matrix"] = [[1.0, 0.0], [0.0, 1.0]]  # 2 × 2 for 3 tasks
     with pytest.raises(ValueError, match=r"acc_matrix.*\(3, 3\)"):
         plots.plot_accuracy_matrices(doc, tmp_path / "fig.png")
+
+
+def _frontier_doc(factors=(0.5, 1.0, 2.0), seeds=2):
+    def point(m, f, s):
+        return {"lr": 4e-3 * f, "learned": min(1.0, 0.5 + 0.2 * f + 0.01 * s), "kept": 0.3 / f + 0.05 * m, "acc": 0.3,
+                "bwt": -0.9}
+    return {"factors": list(factors), "points": {name: [[point(m, f, s) for f in factors] for s in range(seeds)]
+                                                 for m, name in enumerate(("lora", "slim", "lora-r35"))}}
+
+
+def test_frontier_plot_draws_every_method(tmp_path):
+    path = plots.plot_frontier(_frontier_doc(), tmp_path / "frontier.png")
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+    written = plots.write_plots({"frontier": _frontier_doc()}, tmp_path / "w")
+    assert set(written) == {"frontier"}
+    # a frontier of one learning rate is no frontier: nothing is drawn
+    assert plots.write_plots({"frontier": _frontier_doc(factors=(1.0,))}, tmp_path / "one") == {}
+    with pytest.raises(ValueError, match="points"):
+        plots.plot_frontier({"factors": [1.0, 2.0], "points": {}}, tmp_path / "empty.png")

@@ -110,8 +110,11 @@ def _run_suite(args, default_name: str, command: str) -> int:
     """`demo` and `run all`: every world at one size and seed(s) → runs/<name>/report.{md,json} + plots."""
     from datetime import datetime, timezone
 
+    import json
+
     from . import kernels
     from .experiments.report import new_run_dir, render_markdown, write_report
+    from .io import atomic_write_bytes
     from .experiments.suite import SCENARIOS, run_suite
 
     from .experiments.jobs import default_workers
@@ -142,6 +145,8 @@ def _run_suite(args, default_name: str, command: str) -> int:
         return 2
     doc.update(name=out_dir.name, command=command, base_source=source, backend=kernels.get_backend(),
                created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    out_dir.mkdir(parents=True, exist_ok=True)  # the raw results first: a report that fails to render loses no run
+    atomic_write_bytes(out_dir / "suite.json", json.dumps(doc).encode())
     paths = write_report(doc, out_dir, plots=not args.no_plots)
     print("\n" + render_markdown(doc, terminal=True))
     print(f"\n{len(paths)} files written in {out_dir}/: {', '.join(Path(p).name for p in paths.values())}")

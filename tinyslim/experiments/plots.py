@@ -257,8 +257,7 @@ def plot_frontier(frontier_doc: dict, path) -> Path:
         lrs = [p["lr"] for p in per_seed[0]]
         order = np.argsort(lrs)
         x, y = L.mean(0)[order], K.mean(0)[order]
-        style = "o-" if len(order) > 1 else "s"
-        ax.plot(x, y, style, ms=5, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=method)
+        ax.plot(x, y, marker="o", ms=5, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=method)
         ax.plot(x[:1], y[:1], "o", ms=9, mfc="none", color=f"C{i % 10}")  # the lowest learning rate
         if len(per_seed) > 1:
             ax.errorbar(x, y, xerr=L.std(0, ddof=1)[order], yerr=K.std(0, ddof=1)[order], fmt="none",
