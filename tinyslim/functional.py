@@ -531,19 +531,10 @@ class Gelu(Function):
     @staticmethod
     def backward(ctx, g):
         x, t = ctx.saved_tensors
-        # product rule on 0.5·x·(1+t), with dt/dx = (1 - t²)·√(2/π)·(1 + 3·0.044715·x²)
-        dudx = np.multiply(x, x, out=np.empty_like(x))
-        dudx *= 3 * 0.044715 * _GELU_C
-        dudx += _GELU_C
-        sech2 = np.multiply(t, t, out=np.empty_like(t))
-        np.subtract(1.0, sech2, out=sech2)  # 1 - t²
-        sech2 *= dudx
-        sech2 *= x  # x·(1 - t²)·du/dx
-        sech2 += t
-        sech2 += 1.0  # (1 + t) + x·(1 - t²)·du/dx
-        sech2 *= 0.5
-        sech2 *= g
-        return (sech2,)
+        # product rule on 0.5·x·(1 + t), t = tanh(u):  dy/dx = 0.5·((1 − t²)·du/dx·x + t + 1),
+        # du/dx = √(2/π)·(1 + 3·0.044715·x²)  (written x²·(3·0.044715·√(2/π)) + √(2/π))
+        dudx = x * x * (3 * 0.044715 * _GELU_C) + _GELU_C
+        return (np.asarray(((1.0 - t * t) * dudx * x + t + 1.0) * 0.5 * g),)  # (asarray: 0-d stays an array)
 
 
 def gelu(x):

@@ -17,7 +17,7 @@ from . import kernels
 from .autograd import Function, Tensor
 from .kernels.gates import DenseGates, IndexGates, TopKGates, as_gates
 
-__all__ = ["MixtureLowRank", "mixture_lowrank"]
+__all__ = ["MixtureLowRank", "mixture_lowrank", "lowrank"]
 
 
 class MixtureLowRank(Function):
@@ -64,3 +64,11 @@ def mixture_lowrank(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None, *, b
     if isinstance(g, TopKGates):
         return MixtureLowRank.apply(x, A, B, g.w, form="topk", idx=np.asarray(_data(g.idx)), **consts)
     return MixtureLowRank.apply(x, A, B, form="index", idx=np.asarray(_data(g.idx)), **consts)
+
+
+def lowrank(x, A, B, scale=1.0, *, backend=None) -> Tensor:
+    """Δ (N, O) = s · (x Aᵀ) Bᵀ: one adapter, A (r, D) and B (O, r), on every token (plain LoRA).
+
+    The mixture above with E = 1 and every token on adapter 0, so the fast kernels serve it too."""
+    every_token = np.zeros(x.shape[0], dtype=np.int32)
+    return mixture_lowrank(x, A.reshape(1, *A.shape), B.reshape(1, *B.shape), every_token, scale, backend=backend)

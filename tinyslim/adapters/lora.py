@@ -9,9 +9,8 @@ Shape legend: N tokens, D in features, O out features, r rank.
     backward     dH = s·dY B,  dB = s·dYᵀ H,  dA = dHᵀ X̃,  dX = dY W0 + (dH A) ⊙ keep/(1−p)
     merge        W0 ← W0 + s·B A;   unmerge: W0 ← W0 − s·B A
 
-The low-rank path is one call to the shared kernel op ``mixture_lowrank`` with E = 1 expert: A as
-(1, r, D), B as (1, O, r) and the per-token index gate form with every index 0 ("every token uses
-adapter 0"), which carries no gate gradient. The backward above is the kernel's (docs/methods.md §8.3).
+The low-rank path is the batched line, ``lowrank(X̃, A, B, s)``; underneath it is the shared mixture
+kernel with E = 1 expert, so the backward above is the kernel's (docs/methods.md §8.3).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from .. import functional as F
 from ..autograd import Tensor
-from ..lowrank import mixture_lowrank
+from ..lowrank import lowrank
 from ..nn import Linear, Parameter
 from .base import AdaptedLinear, Streams
 
@@ -44,7 +43,6 @@ class LoraConfig:
     target_modules: list | str = field(default_factory=lambda: ["attn.c_attn"])  # suffixes, regex or "all-linear"
     use_rslora: bool = False  # s = α/√r
     init_lora_weights: bool = True  # Kaiming-uniform A, zero B (False: B random too, for tests only)
-    lr: float = 1e-3  # the Adam learning rate the runner should use (COLA: lr0 of its linear decay)
 
     def __post_init__(self):
         if not isinstance(self.r, (int, np.integer)) or self.r < 1:
@@ -101,10 +99,7 @@ class LoraLinear(AdaptedLinear):
     def adapter_delta(self, x: Tensor) -> Tensor:  # x (N, D) -> Δ (N, O)
         A, B = self.factors()
         x = F.dropout(x, self.dropout, self.dropout_rng, self.training)  # x̃
-        N = x.shape[0]
-        every_token_uses_adapter_0 = np.zeros(N, dtype=np.int32)
-        return mixture_lowrank(x, A.reshape(1, *A.shape), B.reshape(1, *B.shape), every_token_uses_adapter_0,
-                               scale=self.scale)  # s · (X̃ Aᵀ) Bᵀ
+        return lowrank(x, A, B, self.scale)  # s · (X̃ Aᵀ) Bᵀ
 
     def delta_weight(self) -> np.ndarray:  # ΔW = s · B A (O, D)
         A, B = self.factors()
