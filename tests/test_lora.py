@@ -223,8 +223,3 @@ def test_seq_lora_resets_adam_at_every_task_start():
 
     run_tasks(method, tiny_tasks(2, n_tasks=3, steps=2), on_step=on_step)
     assert starts == [1, 1, 1]  # the first step of every task is Adam's step 1
-    method = make_method("lora", r=2, reset_optimizer_per_task=False)
-    method.attach(random_gpt(TINY, 1), seed=0)
-    starts.clear()
-    run_tasks(method, tiny_tasks(2, n_tasks=3, steps=2), on_step=on_step)
-    assert starts == [1, 3, 5]

@@ -263,13 +263,13 @@ def _lora_layers(model):
 
 def _target_suffixes(model, names: list) -> list:
     """The shortest suffixes ("attn.c_attn") that select exactly `names` by PEFT's rule, else the full names."""
-    from .adapters.base import AdaptedLinear, _matches
+    from .adapters.verbs import AdaptedLinear, matches_target
     from .nn import Linear
 
     candidates = [n for n, m in model.named_modules()
                   if isinstance(m, (Linear, AdaptedLinear)) and not n.endswith("base_layer")]
     suffixes = sorted({n.split(".h.", 1)[1].split(".", 1)[1] if ".h." in n else n for n in names})
-    return suffixes if [n for n in candidates if _matches(n, suffixes)] == names else list(names)
+    return suffixes if [n for n in candidates if matches_target(n, suffixes)] == names else list(names)
 
 
 def peft_adapter_config(model, lora_alpha: float | None = None, use_rslora: bool = False,
@@ -340,7 +340,7 @@ def load_peft_adapter(model: GPT, directory, seed: int = 0):
     """Inject PEFT's LoRA (from adapter_config.json) into a plain GPT and load adapter_model.safetensors into
     it; only the adapters train afterwards. Returns the LoraConfig. The file is checked against the model
     (every key, every shape) before anything is injected, so a failed load leaves the model as it was."""
-    from .adapters.base import _linear_names, _matches, inject, mark_only_adapters_trainable
+    from .adapters.verbs import inject, linear_names, mark_only_adapters_trainable, matches_target
     from .adapters.lora import LoraConfig
 
     directory = Path(directory)
@@ -363,7 +363,7 @@ def load_peft_adapter(model: GPT, directory, seed: int = 0):
         raise CheckpointError(f"{config_path}: {err}") from None
 
     arrays, _ = read_safetensors(weights_path)
-    names = [n for n in _linear_names(model) if _matches(n, config.target_modules)]
+    names = [n for n in linear_names(model) if matches_target(n, config.target_modules)]
     linears = {name: model.get_submodule(name) for name in names}
     expected = {}
     for name, lin in linears.items():

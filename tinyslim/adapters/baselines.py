@@ -25,20 +25,13 @@ class SeqLoraConfig(LoraConfig):
     """Seq-LoRA: the LoRA of I-LoRA's fast learner (docs/methods.md §3.8), trained task after task."""
 
     target_modules: list | str = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj"])
-    reset_optimizer_per_task: bool = True  # zero Adam's moments and step count at every task start
 
 
 class SeqLoRA(Method):
     """Sequential LoRA fine-tuning: CE on the current task only."""
 
     name = "lora"
-    config_class = SeqLoraConfig
-
-    def before_task(self, task_id: int, steps: int, optimizer) -> None:
-        self._check_attached()
-        self.task_id = task_id
-        if self.config.reset_optimizer_per_task:
-            optimizer.reset_state()
+    config_class = SeqLoraConfig  # (before_task: Method's, which resets Adam at every task start)
 
 
 @dataclass

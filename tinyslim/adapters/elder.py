@@ -63,13 +63,7 @@ __all__ = ["ElderConfig", "ElderLinear", "QueryTap", "ElderRouting", "Elder", "k
 @dataclass
 class ElderConfig:
     """ELDER (docs/methods.md §5.7). ``router_lr_scale`` is a knob where the paper is silent (the per-edit
-    optimiser). Measured in scenario C (seed 0, T = 10 / 50, θ = 2): with the spec's defaults every
-    edit fits (L_edit 0.7–2.9 → ≤ 0.01 in 30 steps; the logged loss stops at 2.77 = k·L_a·ln k, the
-    floor of the guided loss), but training the routers collapses all codes to one (reliability 0.10 /
-    0.08, deferral 0.99 on unrelated prompts), even at router_lr_scale 0.01. Routers frozen
-    (router_lr_scale=0) with routing_layer="transformer.h.{L−2}.attn.c_proj" gave reliability 0.50 /
-    0.16, locality 0.95 / 0.80 (seeds 1 / 2: reliability 0.60 / 0.90 at T = 10, 0.20 / 0.08 at T = 50),
-    but generality stayed ≤ 0.25 at θ = 2 and FT-LoRA's level at T = 50; the defaults are unchanged."""
+    optimiser); what scenario C measured with it: docs/experiments.md, "Calibration notes"."""
 
     n_experts: int = 8  # E per adapted layer
     top_k: int = 2  # k
@@ -281,7 +275,6 @@ class Elder(EditingMethod):
             layer.routing = self.routing
         self._edit_queries = {}  # the queries trained on since before_task: bytes → q (d_q,)
         self._presets = {}  # bytes → [T^l (k,) for every layer]
-        self._queries_seen = 0  # edit ids for the hashed preset
 
     def layers(self) -> list:
         return [layer for layer in super().layers() if isinstance(layer, ElderLinear)]
@@ -332,7 +325,6 @@ class Elder(EditingMethod):
             else:  # "hashed": a fixed pseudo-random k-subset per (edit id, layer)
                 rng = self.streams["hash"]
                 self._presets[key] = [np.sort(rng.choice(cfg.n_experts, cfg.top_k, replace=False)) for _ in layers]
-                self._queries_seen += 1
         return {layer: np.stack([self._presets[row.tobytes()][l] for row in q]) for l, layer in enumerate(layers)}
 
     def after_task(self, task_id: int) -> None:

@@ -58,14 +58,8 @@ __all__ = ["GraceConfig", "GraceLinear", "Grace", "ReplaceAt", "replace_at"]
 
 @dataclass
 class GraceConfig:
-    """GRACE-like codebook (docs/methods.md §7.5). The per-edit budget is ELDER's (30 Adam steps at 1e-2).
-    Measured in scenario C (seeds 0–2, T = 10 / 50): every edit prompt hits its own key and nothing else
-    does for ε ≤ 2 (locality 1.00, leak 0), but the value barely moves at lr 1e-2 (reliability 0.27 /
-    0.26; at GRACE's own lr 1.0: 0.77 / 0.83). Generality stays at the base's (0.03): at the default layer
-    q (|q| ≈ 13) is set more by the template than by the entity — a paraphrase lies 6.7 (median) from its own
-    key, an edit prompt 4.6–5.0 from the nearest other edit's key, and a paraphrase's nearest key is its
-    own 9–19% of the time — so a radius wide enough for paraphrases (ε = 6–8) also catches unrelated facts
-    (seed 0, lr 1.0, T = 50, ε = 6 / 8: generality 0.15 / 0.15, locality 0.47 / 0.36, leak 0.65 / 0.76)."""
+    """GRACE-like codebook (docs/methods.md §7.5). The per-edit budget is ELDER's (30 Adam steps at 1e-2);
+    what scenario C measured with it: docs/experiments.md, "Calibration notes"."""
 
     layer: str | None = None  # the Linear whose input gives q and whose output is replaced; None: ELDER's routing layer
     epsilon: float = 1.0  # ε: the radius of a new key, in L2 units of q

@@ -202,7 +202,7 @@ class ILoRA(ER):
 
     # ---- training ------------------------------------------------------------------------------
     def before_task(self, task_id: int, steps: int, optimizer) -> None:
-        super().before_task(task_id, steps, optimizer)  # Adam reset (reset_optimizer_per_task)
+        super().before_task(task_id, steps, optimizer)  # Adam reset
         if self.config.ema_counter == "per_task":
             self.t = 0
 

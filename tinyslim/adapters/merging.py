@@ -31,8 +31,8 @@ from ..lowrank import mixture_lowrank
 from ..nn import Linear, Parameter
 from .base import AdaptedLinear, Method, Streams
 
-__all__ = ["LoraSources", "LoraPoolLinear", "MergedLoraLinear", "CompositionConfig", "NLA", "LoraSum",
-           "sources_from_methods"]
+__all__ = ["LoraSources", "LoraPoolLinear", "MergedLoraLinear", "LoraPoolConfig", "NLA", "LoraSum",
+           "sources_from_methods", "FrozenPoolMethod"]
 
 
 # ---- the source LoRAs --------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class MergedLoraLinear(LoraPoolLinear):
 # ---- the Methods ----------------------------------------------------------------------------------------
 
 @dataclass
-class CompositionConfig:
+class LoraPoolConfig:
     """NLA / sum of frozen LoRAs (docs/methods.md §7.4). `weights` overrides `combine` (a LoRAHub-style vector)."""
 
     lora_sources: list = field(default_factory=list, repr=False)  # E adapter state dicts of plain-LoRA models
@@ -182,7 +182,7 @@ class CompositionConfig:
         return MergedLoraLinear(base_layer, s.E, s.r_max, s.scales, self.gate_weights())
 
 
-class _FrozenPoolMethod(Method):
+class FrozenPoolMethod(Method):
     """Attach = inject pool layers, then copy each module's source factors in."""
 
     def attach(self, model, seed: int) -> None:
@@ -201,19 +201,19 @@ class _FrozenPoolMethod(Method):
         return out
 
 
-class NLA(_FrozenPoolMethod):
+class NLA(FrozenPoolMethod):
     """Normalised linear arithmetic: the average of the source deltas (nothing trains)."""
 
     name = "nla"
-    config_class = CompositionConfig
+    config_class = LoraPoolConfig
 
 
 @dataclass
-class LoraSumConfig(CompositionConfig):
+class LoraSumConfig(LoraPoolConfig):
     combine: str = "sum"
 
 
-class LoraSum(_FrozenPoolMethod):
+class LoraSum(FrozenPoolMethod):
     """The unnormalised sum of the source deltas (nothing trains)."""
 
     name = "lora_sum"

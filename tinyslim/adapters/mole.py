@@ -47,31 +47,26 @@ from ..autograd import Tensor
 from ..lowrank import mixture_lowrank
 from ..nn import Linear, Parameter
 from .base import Streams, token_context
-from .merging import CompositionConfig, LoraPoolLinear, _FrozenPoolMethod, sources_from_methods
+from .merging import FrozenPoolMethod, LoraPoolConfig, LoraPoolLinear, sources_from_methods
 
 __all__ = ["MoleConfig", "MoleLinear", "Mole", "balance_loss"]
 
 
 @dataclass
-class MoleConfig(CompositionConfig):
-    """MoLE (docs/methods.md §4.6); lora_sources / lora_scales as in CompositionConfig."""
+class MoleConfig(LoraPoolConfig):
+    """MoLE (docs/methods.md §4.6); lora_sources / lora_scales as in LoraPoolConfig."""
 
     gate_granularity: str = "token"  # a gate per adapted linear; "layer": one per block
     gate_pool: str = "token"  # "sequence": mean-pool U over the sequence, one gate per sequence
-    norm: str = "layernorm"  # LayerNorm without affine, eps 1e-5 (the only choice)
     gate_init_std: float = 0.01  # e ~ N(0, std²), from the `init` stream
     tau_init: float = 1.0  # ρ = log τ starts at log tau_init
     balance_coef: float = 0.5  # weight of L_bal
     mask: list | None = None  # subset of source indices kept at inference (None: all)
-    lr: float = 1e-3  # Adam, for the runner
-    steps: int = 800
-    batch_size: int = 12
     pad_token_id: int | None = None  # input positions holding it are left out of L_bal and of sequence pooling
 
     def __post_init__(self):
         super().__post_init__()
-        for name, allowed in (("gate_granularity", ("token", "layer")), ("gate_pool", ("token", "sequence")),
-                              ("norm", ("layernorm",))):
+        for name, allowed in (("gate_granularity", ("token", "layer")), ("gate_pool", ("token", "sequence"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MoleConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.tau_init > 0 or self.gate_init_std < 0 or self.balance_coef < 0:
@@ -200,7 +195,7 @@ def balance_loss(gates, real=None):
     return -F.log(q).sum()
 
 
-class Mole(_FrozenPoolMethod):
+class Mole(FrozenPoolMethod):
     """MoLE: train only the gates (e, ρ) of every adapted layer on the composition data."""
 
     name = "mole"

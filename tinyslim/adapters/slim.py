@@ -96,8 +96,6 @@ class SlimConfig:
     eval_masks: str = "expected"  # or "sampled"
     l1_coef: float = 1e-3  # λ_L1
     balance_coef: float = 0.0  # λ_bal (0.01 when on)
-    lr: float = 1e-3  # Adam, for the runner
-    batch_size: int = 16
     pad_token_id: int | None = None  # input positions holding it are left out of the cluster statistics and L_bal
 
     def __post_init__(self):
