@@ -51,7 +51,8 @@ def cmd_pretrain(args) -> int:
     from .data import CharTokenizer
     from .io import save_model
     from .nn import GPTConfig
-    from .train import PretrainConfig, knowledge_recall, pretrain
+    from .evaluate import knowledge_recall
+    from .train import PretrainConfig, pretrain
 
     model_config = GPTConfig(vocab_size=CharTokenizer().vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
                              n_head=args.n_head, block_size=args.block_size)
@@ -97,7 +98,7 @@ def cmd_sample(args) -> int:
 
 def _base_summary(model, source) -> None:
     from .data import CharTokenizer, PretrainData
-    from .train import evaluate_loss, knowledge_recall, next_char_accuracy
+    from .evaluate import evaluate_loss, knowledge_recall, next_char_accuracy
 
     data = PretrainData(block_size=model.config.block_size, seed=0)
     val = data.val_batches(32, 4)

@@ -18,6 +18,7 @@ Hugging Face / PEFT layouts (GPT-2 directories, PEFT adapters) live in ``tinysli
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import numpy as np
 from .nn import GPT, GPTConfig
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_model", "load_model", "save_adapter",
-           "load_adapter", "atomic_write_bytes", "atomic_write_json", "read_json", "read_safetensors",
+           "load_adapter", "atomic_write_bytes", "atomic_write_json", "jsonable", "read_json", "read_safetensors",
            "safetensors_bytes"]
 
 _META_KEY = "tinyslim"
@@ -63,6 +64,21 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_json(path, obj) -> None:
     """Write a JSON document atomically (sorted keys, indented, a trailing newline)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def jsonable(value):
+    """Config dicts as JSON: tuples → lists, numpy scalars → numbers, dataclasses → dicts, other objects → str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if dataclasses.is_dataclass(value):
+        return jsonable(dataclasses.asdict(value))
+    return str(value)
 
 
 def read_json(path, what: str = "JSON file") -> dict:

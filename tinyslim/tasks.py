@@ -14,8 +14,8 @@ and three more for experiments: ``bck`` (shift back by one; 99% fresh, left out 
 ``dup`` (abcd=aabbccdd; 78% fresh, too slow) and ``add`` (37+5=42; not calibrated here, the
 prototype's ~85% at 1000 steps). Inputs have a fixed length because copying from a fixed position
 is what a small LoRA learns fast; with 3–5 letters the same budget reached only ~50–70%
-(calibration: ``experiments.continual.ContinualConfig``). The metric decodes with
-``train.greedy_answers``, so this module sits beside train.py (layer 8), above data.py.
+(docs/experiments.md, "Calibration notes"). The metric decodes with
+``evaluate.greedy_answers``, so this module sits above evaluate.py and data.py, below train.py.
 
 The tag tells the model which map to apply; a LoRA trained on one task after another tends to
 apply the latest map whatever the tag says, which is the forgetting scenario A measures.
@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .data import PAD_ID, CharTokenizer
+from .evaluate import greedy_answers
 
 __all__ = ["TaskSpec", "TASKS", "TASK_NAMES", "DEFAULT_TASKS", "Task", "make_task", "make_tasks",
            "encode_examples", "exact_match", "accuracy", "model_answerer", "evaluate_task"]
@@ -226,8 +227,6 @@ def accuracy(answer_fn: Callable[[list[str]], list[str]], examples: Sequence[Exa
 def model_answerer(model, max_answer_len: int, tokenizer: CharTokenizer | None = None):
     """prompts → the model's greedy answers, at most max_answer_len + 1 tokens each, cut at the
     first newline (prompts of equal length decode together in one batch)."""
-    from .train import greedy_answers
-
     tokenizer = tokenizer or CharTokenizer()
     return lambda prompts: greedy_answers(model, tokenizer, list(prompts), max_answer_len + 1)
 

@@ -1,4 +1,4 @@
-"""Pretraining the base model, and the measurements of general capability.
+"""Pretraining the base model (its measurements of general capability live in evaluate.py).
 
 ``pretrain`` runs AdamW with warm-up + cosine decay on batches of pydoc text mixed with the
 knowledge corpus (data.PretrainData), shows a progress bar, evaluates the validation loss every
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .autograd import no_grad
-from .data import CharTokenizer, KnowledgeBase, PretrainData
+from .data import PretrainData
+from .evaluate import evaluate_loss, greedy_answers, knowledge_recall, next_char_accuracy  # (the last three: re-exported)
 from .io import load_checkpoint, save_checkpoint
 from .nn import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm_, cosine_schedule
@@ -51,65 +51,6 @@ def _param_groups(model: GPT, weight_decay: float):
     decay = [p for p in model.parameters(trainable_only=True) if p.ndim >= 2]
     no_decay = [p for p in model.parameters(trainable_only=True) if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _non_empty(batches, who: str) -> list:
-    batches = list(batches)
-    if not batches:
-        raise ValueError(f"{who}: got no batches; a mean over an empty dataset is undefined")
-    return batches
-
-
-def evaluate_loss(model: GPT, batches) -> float:
-    """Mean cross-entropy (nats/char) over fixed (x, y) batches."""
-    batches = _non_empty(batches, "evaluate_loss")
-    was_training = model.training
-    model.eval()
-    with no_grad():
-        losses = [model(x, y)[1].item() for x, y in batches]
-    model.train(was_training)
-    return float(np.mean(losses))
-
-
-def next_char_accuracy(model: GPT, batches, reference: GPT | None = None) -> float:
-    """Top-1 next-character accuracy over fixed batches; with a reference model, the top-1
-    agreement with it instead (a bounded measure of drift from the base)."""
-    batches = _non_empty(batches, "next_char_accuracy")
-    was_training = model.training
-    model.eval()
-    hits = total = 0
-    with no_grad():
-        for x, y in batches:
-            pred = model(x)[0].data.argmax(-1)
-            target = y if reference is None else reference(x)[0].data.argmax(-1)
-            hits += int((pred == target).sum())
-            total += pred.size
-    model.train(was_training)
-    return hits / total
-
-
-def greedy_answers(model: GPT, tokenizer: CharTokenizer, prompts: list[str], max_new_tokens: int,
-                   stop: str = "\n") -> list[str]:
-    """Greedy continuation of each prompt, cut at the first `stop` character (prompts of equal
-    length are decoded together in one batch)."""
-    answers = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    for _, members in sorted(by_length.items()):
-        idx = np.stack([tokenizer.encode(prompts[i]) for i in members])
-        out = model.generate(idx, max_new_tokens, greedy=True)[:, idx.shape[1]:]
-        for i, row in zip(members, out):
-            answers[i] = tokenizer.decode(row).split(stop)[0]
-    return answers
-
-
-def knowledge_recall(model: GPT, kb: KnowledgeBase, tokenizer: CharTokenizer, split: str = "heldout") -> float:
-    """Fraction of knowledge prompts (of one split) whose greedy answer is exactly the city."""
-    items = kb.prompts(split)
-    longest = max(len(answer) for _, answer, _, _ in items)
-    outputs = greedy_answers(model, tokenizer, [p for p, _, _, _ in items], longest)
-    return float(np.mean([out[:len(answer)] == answer for out, (_, answer, _, _) in zip(outputs, items)]))
 
 
 def _checkpoint_meta(model, config, step, history):

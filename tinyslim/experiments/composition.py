@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..adapters.base import stream
+from ..io import jsonable
 from ..optim import Adam, LRScheduler, clip_grad_norm_
 from ..tasks import Task, encode_examples, evaluate_task, make_tasks
-from .continual import ContinualConfig, GeneralEval, _jsonable, build_method, run_continual
+from .continual import ContinualConfig, GeneralEval, build_method, run_continual
 
 __all__ = ["CompositionConfig", "COMPOSERS", "run_composition", "format_composition", "train_sources", "compose",
            "train_mole", "evaluate_composed", "masking_demo", "gate_statistics"]
@@ -44,19 +45,9 @@ COMPOSERS = ("lora_sum", "nla", "mole", "mole_nobal")  # the rows of the table, 
 
 @dataclass
 class CompositionConfig:
-    """Settings of scenario B (one seed ≈ 100 s on 2 shared cores with OPENBLAS_NUM_THREADS=1).
-
-    Measured on the shipped base, seed 0:
-    * sources: rev, cap, sft (the fastest tasks of the suite). 400 steps of batch 16 at 4e-3 (linear
-      decay) gave only 61–67%; 800 steps give rev 100, cap 98, sft 100 (each 0% on the other two tasks).
-    * NLA and the sum score 0% on every task at every setting tried.
-    * MoLE gate lr: ε = eᵀ LN(U) sums K·d_out ≈ 1,150 terms, so Adam moves the gate logits by ~lr·1,000
-      per step: at 1e-2 the gates go one-hot within a few steps and stick (0%); 1e-4…3e-4 stay near
-      uniform (0%); 1e-3 learns something.
-    * per-token gates (the spec's default, ``gate_pool="token"``): 0–31% on one task, 0% on the others
-      (300 and 800 steps); one gate per sequence (mean-pooled U, ``gate_pool="sequence"``) is the
-      only setting where MoLE served a task well (sft 84–95% or rev 92%), so it is the default here.
-    """
+    """Settings of scenario B (one seed ≈ 100 s on 2 shared cores with OPENBLAS_NUM_THREADS=1). How the
+    defaults were chosen (the source budget, the MoLE gate lr, one gate per sequence):
+    docs/experiments.md, "Calibration notes"."""
 
     tasks: tuple[str, ...] = ("rev", "cap", "sft")  # K = 3 single-task LoRAs
     # the source LoRAs (scenario A's adapter shape)
@@ -111,7 +102,7 @@ class CompositionConfig:
                                fact_recall=self.fact_recall, grad_clip=self.grad_clip)
 
     def to_dict(self) -> dict:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -220,8 +211,7 @@ def compose(name: str, states: list, scales: list, base_model, config: Compositi
     else:
         method = Mole(lora_sources=states, lora_scales=scales, pad_token_id=PAD_ID,
                       balance_coef=config.balance_coef if name == "mole" else 0.0,
-                      gate_granularity=config.gate_granularity, gate_pool=config.gate_pool, tau_init=config.tau_init, lr=config.mole_lr,
-                      steps=config.mole_steps, batch_size=config.mole_batch_size)
+                      gate_granularity=config.gate_granularity, gate_pool=config.gate_pool, tau_init=config.tau_init)
     model = copy.deepcopy(base_model)  # the caller's model is never touched
     model.train()
     method.attach(model, seed)
@@ -298,7 +288,7 @@ def run_composition(config: CompositionConfig, base_model, seed: int = 0, progre
             + f"  mean {row['mean_acc']:.0%}  (pydoc loss {row['general']['val_loss']:.2f})")
     sources_frozen = all(np.array_equal(a[k], b[k]) for a, b in zip(states, source_states) for k in a)
     wall = time.perf_counter() - t0
-    return _jsonable({
+    return jsonable({
         "scenario": "composition", "seed": seed, "config": config.to_dict(), "tasks": [t.name for t in tasks],
         "n_mixed_examples": n_mix, "base_general": general.base,
         "base_per_task": _task_accuracies(base_model, tasks),

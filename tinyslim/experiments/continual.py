@@ -14,7 +14,7 @@ tasks in order with the method's hooks, knowing no method by name:
             the base model, held-out-template fact recall
 
 The optimiser state is reset at every task boundary for every method: carrying Adam's moments
-into a new task wrecks plasticity (docs/experiments.md, calibration notes). The learning rate follows one
+into a new task wrecks plasticity (docs/experiments.md, "Calibration notes"). The learning rate follows one
 schedule within each task for every method (linear decay to 0 by default); the runner sets it
 *before* the hooks, so a method that owns its learning rate (COLA, whose default schedule is this same
 line) has the last word. Metrics: metrics.py.
@@ -32,7 +32,7 @@ import numpy as np
 
 from ..adapters.base import stream
 from ..autograd import no_grad
-from ..io import CheckpointError, load_checkpoint, save_checkpoint
+from ..io import CheckpointError, jsonable, load_checkpoint, save_checkpoint
 from ..optim import Adam, LRScheduler, clip_grad_norm_
 from ..tasks import DEFAULT_TASKS, TASKS, Task, evaluate_task, make_tasks
 from . import metrics
@@ -46,28 +46,8 @@ class ContinualConfig:
     """Settings of scenario A, shared by every method so that only the method differs.
 
     Calibrated on the shipped tiny base so that plain Seq-LoRA learns every task to >= 90% right
-    after training on it and then clearly forgets it (docs/experiments.md). What was measured (seed 0
-    unless said; one process on one BLAS thread; the first three points with a NumPy LoRA stand-in
-    of the same maths, written before tinyslim.adapters existed):
-
-    * 3–5-letter inputs, batch 32, constant Adam 3e-3…5e-3: a fresh LoRA reached only 40–80% on
-      rev / cap / dup after 500 steps; the errors were letters copied to the wrong place. Fixed
-      4-letter inputs and a linear decay of the lr to 0 within each task: cap 90%, rev 97% in 400.
-    * Batch 16 × 800 steps, same cost as 32 × 400 (4e-3, linear decay), fresh LoRA per task:
-      cap 99, rev 100, sft 100, rot 100, srt (3 letters) 95, bck 99, dup 78 (so dup is not default).
-      lr 1e-2 diverged (every task < 5%).
-    * Order rev, cap, sft, rot, srt: rot stuck at 0–2% in sequence (seeds 0 and 1; alone after sft
-      it reaches 100%) and srt 77–92%: a LoRA that already holds three maps learns a slow task
-      worse, so the two slow tasks go first: rot, srt, rev, cap, sft.
-    * Result over seeds 0–2 (`python -m tinyslim run continual --seeds 3`): Seq-LoRA learns every
-      task to 96–100% (mean diagonal 99.2) and keeps 0–4% of each one task later: ACC 20.0 ± 0.0,
-      BWT −99.0 ± 0.1 points; pydoc loss 1.22 → 10.2 ± 0.6 nats/char (next-char accuracy 66% → 2%).
-      ER 86.9 ± 1.2 / −15.5 ± 1.5, I-LoRA (slow) 87.7 ± 3.1 / −14.4 ± 3.8, COLA 20.0 / −98.2.
-      One Seq-LoRA run: ~80 s training + 20 s evaluation on 2 shared cores (ER ~1.6×, I-LoRA ~2.3×).
-
-    General capability saturates after the first task for every method (loss above uniform's 4.6,
-    next-char accuracy near 2–6%): it cannot rank methods at this learning rate.
-    """
+    after training on it and then clearly forgets it; what was measured: docs/experiments.md,
+    "Calibration notes"."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS  # the sequence, in training order
     steps: int = 800  # optimiser steps per task
@@ -140,7 +120,7 @@ class GeneralEval:
         self.base = self.measure(base_model)  # also records the base's top-1 predictions
 
     def measure(self, model) -> dict:
-        from ..train import knowledge_recall
+        from ..evaluate import knowledge_recall
 
         was_training = model.training
         model.eval()
@@ -184,8 +164,6 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
     goes on from it and ends bit-identical to an uninterrupted run (same backend and thread count); a
     checkpoint of another config, method, seed, base model or task data is a CheckpointError naming the
     differing fields. resume=False starts over (and overwrites the file)."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     block = base_model.config.block_size
     if any(t.seq_len > block for t in tasks):
@@ -197,125 +175,160 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
     if identity is not None and optimizer_class is not Adam:  # (Adam runs keep their old identity)
         identity["optimizer"] = optimizer_class.__name__
     general = general or GeneralEval(base_model, config)
-    model = copy.deepcopy(base_model)  # the caller's model is never touched
-    model.train()
-    method.attach(model, seed)
-    params = list(method.trainable_parameters())
-    optimizer = optimizer_class(params, lr=config.lr)
-    learners = list(method.learners())
-    T = len(tasks)
-    R = {name: np.zeros((T, T)) for name in learners}
-    general_rows = {name: [] for name in learners}
-    train_log, eval_s, losses = [], 0.0, []
-    # the runner's own streams (docs/methods.md §0); the method draws from its own (init, reservoir, …)
-    data_rng, step_rng = stream(seed, "runner/data"), stream(seed, "runner/model-dropout")
-    schedule = LRScheduler.SCHEDULES[config.lr_schedule]
-
-    start_task, start_step, elapsed_before = 0, 0, 0.0
+    run = _Run(method, tasks, config, base_model, seed, general, optimizer_class, progress, t_start)
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        runner = _load_run_checkpoint(checkpoint, identity, method, optimizer)
-        start_task, start_step = runner["position"]
-        for name in learners:
-            R[name][:start_task] = np.array(runner["R"][name], dtype=float).reshape(start_task, T)
-            general_rows[name] = list(runner["general"][name])
-        train_log, losses = list(runner["train_log"]), list(runner["losses"])
-        eval_s, elapsed_before = float(runner["eval_s"]), float(runner["elapsed_s"])
-        data_rng.bit_generator.state = runner["data_rng"]
-        step_rng.bit_generator.state = runner["step_rng"]
-        optimizer.lr = runner["lr"]
-        if progress:
-            tqdm.write(f"{method.name}: resuming from {checkpoint} at task {start_task + 1}/{T}, step "
-                       f"{start_step}/{config.steps}")
+        run.resume(checkpoint, identity)
+    save_every = checkpoint_every if checkpoint is not None else None
+    for k in range(run.start_task, len(tasks)):
+        run.train_task(k, save=lambda k, step: run.save(checkpoint, identity, k, step), save_every=save_every)
+        run.evaluate(k)
+        if checkpoint is not None:
+            run.losses = []
+            run.save(checkpoint, identity, k + 1, 0)  # the boundary: task k trained and evaluated
+    return run.result(diagnose)
 
-    def save(task_k: int, step: int) -> None:
-        arrays, meta = method.state_dict()
+
+class _Run:
+    """One scenario-A run's state, in the steps run_continual takes: resume, train a task, evaluate
+    after it, save, and the result document."""
+
+    def __init__(self, method, tasks, config: ContinualConfig, base_model, seed: int, general: GeneralEval,
+                 optimizer_class, progress: bool, t_start: float):
+        self.method, self.tasks, self.config, self.seed, self.general = method, tasks, config, seed, general
+        self.progress, self.t_start = progress, t_start
+        self.model = copy.deepcopy(base_model)  # the caller's model is never touched
+        self.model.train()
+        method.attach(self.model, seed)
+        self.params = list(method.trainable_parameters())
+        self.optimizer = optimizer_class(self.params, lr=config.lr)
+        self.learners = list(method.learners())
+        T = len(tasks)
+        self.R = {name: np.zeros((T, T)) for name in self.learners}
+        self.general_rows = {name: [] for name in self.learners}
+        self.train_log, self.eval_s, self.losses = [], 0.0, []
+        # the runner's own streams (docs/methods.md §0); the method draws from its own (init, reservoir, …)
+        self.data_rng, self.step_rng = stream(seed, "runner/data"), stream(seed, "runner/model-dropout")
+        self.schedule = LRScheduler.SCHEDULES[config.lr_schedule]
+        self.start_task, self.start_step, self.elapsed_before = 0, 0, 0.0
+
+    def resume(self, checkpoint, identity: dict) -> None:
+        """Restore the method, the optimizer and the runner's state from a run checkpoint."""
+        from tqdm.auto import tqdm
+
+        runner = _load_run_checkpoint(checkpoint, identity, self.method, self.optimizer)
+        self.start_task, self.start_step = runner["position"]
+        T = len(self.tasks)
+        for name in self.learners:
+            self.R[name][:self.start_task] = np.array(runner["R"][name], dtype=float).reshape(self.start_task, T)
+            self.general_rows[name] = list(runner["general"][name])
+        self.train_log, self.losses = list(runner["train_log"]), list(runner["losses"])
+        self.eval_s, self.elapsed_before = float(runner["eval_s"]), float(runner["elapsed_s"])
+        self.data_rng.bit_generator.state = runner["data_rng"]
+        self.step_rng.bit_generator.state = runner["step_rng"]
+        self.optimizer.lr = runner["lr"]
+        if self.progress:
+            tqdm.write(f"{self.method.name}: resuming from {checkpoint} at task {self.start_task + 1}/{T}, step "
+                       f"{self.start_step}/{self.config.steps}")
+
+    def save(self, checkpoint, identity: dict, task_k: int, step: int) -> None:
+        arrays, meta = self.method.state_dict()
         tensors = {**{f"method.{k}": v for k, v in arrays.items()},
-                   **{f"optim.{k}": v for k, v in optimizer.state_dict().items()}}
-        runner = {"position": [task_k, step], "lr": float(optimizer.lr), "losses": [float(v) for v in losses],
-                  "R": {name: R[name][:task_k].tolist() for name in learners}, "general": general_rows,
-                  "train_log": train_log, "eval_s": eval_s,
-                  "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                  "data_rng": data_rng.bit_generator.state, "step_rng": step_rng.bit_generator.state}
+                   **{f"optim.{k}": v for k, v in self.optimizer.state_dict().items()}}
+        runner = {"position": [task_k, step], "lr": float(self.optimizer.lr),
+                  "losses": [float(v) for v in self.losses],
+                  "R": {name: self.R[name][:task_k].tolist() for name in self.learners},
+                  "general": self.general_rows, "train_log": self.train_log, "eval_s": self.eval_s,
+                  "elapsed_s": self.elapsed_before + time.perf_counter() - self.t_start,
+                  "data_rng": self.data_rng.bit_generator.state, "step_rng": self.step_rng.bit_generator.state}
         save_checkpoint(checkpoint, tensors, {"kind": "continual", "version": 1, "identity": identity,
-                                              "method_state": meta, "runner": _jsonable(runner)})
+                                              "method_state": meta, "runner": jsonable(runner)})
 
-    for k in range(start_task, T):
-        task = tasks[k]
-        first = start_step if k == start_task else 0
+    def train_task(self, k: int, save, save_every: int | None) -> None:
+        """Task k's steps (from where a resumed run stopped), then the method's after_task and the loss log."""
+        from tqdm.auto import tqdm
+
+        method, optimizer, config, task = self.method, self.optimizer, self.config, self.tasks[k]
+        first = self.start_step if k == self.start_task else 0
         if first == 0:  # a fresh task (a resumed one has its optimizer, lr, method and losses restored)
-            losses = []
+            self.losses = []
             optimizer.reset_state()  # every method, every boundary (carried Adam state wrecks plasticity)
-            optimizer.lr = schedule(0, config.steps, config.lr, config.warmup_steps)
+            optimizer.lr = self.schedule(0, config.steps, config.lr, config.warmup_steps)
             method.before_task(k, config.steps, optimizer)
-        bar = tqdm(range(first, config.steps), total=config.steps, initial=first, disable=not progress,
-                   leave=False, unit="step", desc=f"{method.name} {k + 1}/{T} {task.name}")
+        bar = tqdm(range(first, config.steps), total=config.steps, initial=first, disable=not self.progress,
+                   leave=False, unit="step", desc=f"{method.name} {k + 1}/{len(self.tasks)} {task.name}")
         for step in bar:
-            x, y, mask = task.batch(config.batch_size, data_rng)
-            loss = method.loss(x, y, mask, step_rng)
+            x, y, mask = task.batch(config.batch_size, self.data_rng)
+            loss = method.loss(x, y, mask, self.step_rng)
             optimizer.zero_grad()
             loss.backward()
             if config.grad_clip:
-                clip_grad_norm_(params, config.grad_clip)
+                clip_grad_norm_(self.params, config.grad_clip)
             optimizer.step()
-            optimizer.lr = schedule(step + 1, config.steps, config.lr, config.warmup_steps)
+            optimizer.lr = self.schedule(step + 1, config.steps, config.lr, config.warmup_steps)
             method.after_step(step, optimizer)
-            losses.append(loss.item())
+            self.losses.append(loss.item())
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if (checkpoint is not None and checkpoint_every is not None and (step + 1) % checkpoint_every == 0
-                    and step + 1 < config.steps):
+                bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+            if save_every is not None and (step + 1) % save_every == 0 and step + 1 < config.steps:
                 save(k, step + 1)
         bar.close()
         method.after_task(k)
+        losses = self.losses
         curve = [float(np.mean(c)) for c in np.array_split(losses, min(10, len(losses)))]  # 10 chunk means
-        train_log.append({"task": task.name, "first_loss": losses[0], "final_loss": curve[-1], "loss_curve": curve})
+        self.train_log.append({"task": task.name, "first_loss": losses[0], "final_loss": curve[-1],
+                               "loss_curve": curve})
+
+    def evaluate(self, k: int) -> None:
+        """Row k of every learner's accuracy matrix and its general capability."""
+        from tqdm.auto import tqdm
 
         t_eval = time.perf_counter()
-        for name in learners:
-            with method.evaluating(name):
-                R[name][k] = [evaluate_task(model, t) for t in tasks]
-                general_rows[name].append(general.measure(model))
-        eval_s += time.perf_counter() - t_eval
-        if progress:
-            row = "  ".join(f"{t.name} {R[learners[0]][k, j]:.0%}" for j, t in enumerate(tasks))
-            tqdm.write(f"{method.name} after {task.name}: {row}  (pydoc loss "
-                       f"{general_rows[learners[0]][-1]['val_loss']:.2f})")
-        if checkpoint is not None:
-            losses = []
-            save(k + 1, 0)  # the boundary: task k trained and evaluated
+        for name in self.learners:
+            with self.method.evaluating(name):
+                self.R[name][k] = [evaluate_task(self.model, t) for t in self.tasks]
+                self.general_rows[name].append(self.general.measure(self.model))
+        self.eval_s += time.perf_counter() - t_eval
+        if self.progress:
+            first = self.learners[0]
+            row = "  ".join(f"{t.name} {self.R[first][k, j]:.0%}" for j, t in enumerate(self.tasks))
+            tqdm.write(f"{self.method.name} after {self.tasks[k].name}: {row}  (pydoc loss "
+                       f"{self.general_rows[first][-1]['val_loss']:.2f})")
 
-    per_learner = {}
-    for name in learners:
-        final = general_rows[name][-1]
-        per_learner[name] = {
-            "acc_matrix": R[name].tolist(),
-            **metrics.summarize(R[name]),
-            "general": general_rows[name],
-            "general_loss_increase": final["val_loss"] - general.base["val_loss"],
+    def result(self, diagnose) -> dict:
+        """The run's result document (see run_continual)."""
+        learners, general = self.learners, self.general
+        per_learner = {}
+        for name in learners:
+            final = self.general_rows[name][-1]
+            per_learner[name] = {
+                "acc_matrix": self.R[name].tolist(),
+                **metrics.summarize(self.R[name]),
+                "general": self.general_rows[name],
+                "general_loss_increase": final["val_loss"] - general.base["val_loss"],
+            }
+        diagnostics = jsonable(diagnose(self.method, self.tasks)) if diagnose is not None else None
+        wall = self.elapsed_before + time.perf_counter() - self.t_start
+        return {
+            "method": self.method.name,
+            "describe": jsonable(self.method.describe()),
+            "seed": self.seed,
+            "tasks": [t.name for t in self.tasks],
+            "learners": learners,
+            "reported_learner": learners[0],
+            **{k: per_learner[learners[0]][k] for k in ("acc", "bwt", "learning_acc", "forgetting",
+                                                        "general_loss_increase")},
+            "final_general": per_learner[learners[0]]["general"][-1],
+            "by_learner": per_learner,
+            "base_general": general.base,
+            "trainable_params": int(sum(p.size for p in self.params)),
+            "train_log": self.train_log,
+            "optimizer_reset_per_task": True,
+            "wall_s": wall,
+            "train_s": wall - self.eval_s,
+            "eval_s": self.eval_s,
+            "config": self.config.to_dict(),
+            **({"diagnostics": diagnostics} if diagnostics is not None else {}),
         }
-    diagnostics = _jsonable(diagnose(method, tasks)) if diagnose is not None else None
-    wall = elapsed_before + time.perf_counter() - t_start
-    return {
-        "method": method.name,
-        "describe": _jsonable(method.describe()),
-        "seed": seed,
-        "tasks": [t.name for t in tasks],
-        "learners": learners,
-        "reported_learner": learners[0],
-        **{k: per_learner[learners[0]][k] for k in ("acc", "bwt", "learning_acc", "forgetting",
-                                                    "general_loss_increase")},
-        "final_general": per_learner[learners[0]]["general"][-1],
-        "by_learner": per_learner,
-        "base_general": general.base,
-        "trainable_params": int(sum(p.size for p in params)),
-        "train_log": train_log,
-        "optimizer_reset_per_task": True,
-        "wall_s": wall,
-        "train_s": wall - eval_s,
-        "eval_s": eval_s,
-        "config": config.to_dict(),
-        **({"diagnostics": diagnostics} if diagnostics is not None else {}),
-    }
 
 
 # ---- checkpoints of a run ---------------------------------------------------------------------------
@@ -333,7 +346,7 @@ def _run_identity(method, tasks, config, base_model, seed) -> dict:
     """What a checkpoint must agree on to be resumed: the scenario config, the method and its config, the
     seed, the tasks (names and data), the base model (config and weights)."""
     state = base_model.state_dict()
-    return _jsonable({
+    return jsonable({
         "config": config.to_dict(),
         "method": method.name,
         "method_config": dataclasses.asdict(method.config),
@@ -378,19 +391,7 @@ def _load_run_checkpoint(path, identity: dict, method, optimizer) -> dict:
     return runner
 
 
-def _jsonable(value):
-    """Config dicts as JSON: tuples → lists, numpy scalars → numbers, other objects → str."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if dataclasses.is_dataclass(value):
-        return _jsonable(dataclasses.asdict(value))
-    return str(value)
+_jsonable = jsonable  # the old private name, still imported by suite.py (owned elsewhere); use io.jsonable
 
 
 # ---- several methods and seeds -------------------------------------------------------------------
@@ -480,7 +481,7 @@ def methods_doc(config: ContinualConfig, seeds: list[int], overrides: dict, resu
     """The JSON document of a scenario-A run from its per-method, per-seed results (see run_methods)."""
     first = next(iter(results.values()))[0]
     return {"scenario": "continual", "config": config.to_dict(), "methods": list(results), "seeds": list(seeds),
-            "method_overrides": _jsonable(overrides), "optimizer_reset_per_task": True,
+            "method_overrides": jsonable(overrides), "optimizer_reset_per_task": True,
             "base_general": first["base_general"], "results": results,
             "summary": {name: aggregate(runs) for name, runs in results.items()}}
 

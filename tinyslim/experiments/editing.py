@@ -50,9 +50,9 @@ import numpy as np
 
 from ..autograd import no_grad
 from ..data import PAD_ID, TEMPLATES, CharTokenizer, PretrainData, render
+from ..io import jsonable
 from ..tasks import encode_examples
-from ..train import greedy_answers
-from .continual import _jsonable
+from ..evaluate import greedy_answers
 
 __all__ = ["EditingConfig", "EDITORS", "make_edit_stream", "run_editing", "format_editing"]
 
@@ -100,7 +100,7 @@ class EditingConfig:
                 raise ValueError(f"EditingConfig.{name} must be an int >= 1, got {value!r}")
 
     def to_dict(self) -> dict:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
 
 # ---- the world --------------------------------------------------------------------------------------
@@ -245,58 +245,74 @@ def run_editing(config: EditingConfig, base_model, seed: int = 0, progress: bool
     """Scenario C for one seed: every method through the edit stream; metrics after each prefix T."""
     from tqdm.auto import tqdm
 
-    from ..adapters import EDIT_METHODS
-
     t0 = time.perf_counter()
     say = tqdm.write if progress else (lambda *_: None)
-    data = PretrainData(block_size=base_model.config.block_size, seed=0)  # the base's corpus and KB
-    kb = data.kb
-    T_max = config.stream_lengths[-1]
-    world = make_edit_stream(kb, T_max, seed, config.new_entity_fraction, config.n_locality_entities,
-                             config.n_calib_entities)
-    edits = world["edits"]
+    world = EditWorld(config, base_model, seed)
+    base_metrics = world.metrics_at(world.base_out, world.T_max)  # the unedited model on the full stream
+    for key in ("locality", "locality_text", "locality_text_tokens", "locality_facts", "leak", "leak_last"):
+        base_metrics.pop(key, None)  # (a reference row: it cannot change what it never changed)
+    results = {name: run_editor(name, world, base_model, seed, progress, say) for name in config.methods}
+    return jsonable({"scenario": "editing", "seed": seed, "config": config.to_dict(),
+                     "stream": world.world, "base": base_metrics, "results": results,
+                     "wall_s": time.perf_counter() - t0})
 
-    # evaluation and calibration sets (fixed for the run)
-    edit_rows = [render(e["entity"], e["city"], e["template"]) for e in edits]
-    gen_rows, gen_edit = [], []  # generality prompts and the edit each belongs to
-    for i, e in enumerate(edits):
-        for t in e["generality_templates"]:
-            gen_rows.append(render(e["entity"], e["city"], t))
-            gen_edit.append(i)
-    gen_edit = np.array(gen_edit)
-    calib_par_rows = [render(e["entity"], e["city"], e["calib_template"]) for e in edits]
-    loc_rows = _fact_rows(world["locality_entities"], kb.city_of)
-    calib_fact_rows = _fact_rows(world["calib_entities"], kb.city_of)
-    seq_len = max(len(p) + len(a) for p, a in edit_rows + gen_rows + calib_par_rows + loc_rows + calib_fact_rows)
-    if seq_len > base_model.config.block_size:
-        raise ValueError(f"fact lines need {seq_len} positions but block_size is {base_model.config.block_size}")
-    sets = {"edit": PromptSet(edit_rows, seq_len), "gen": PromptSet(gen_rows, seq_len),
-            "calib_par": PromptSet(calib_par_rows, seq_len), "loc_fact": PromptSet(loc_rows, seq_len),
-            "calib_fact": PromptSet(calib_fact_rows, seq_len)}
-    val = data.streams["val"]
-    half = len(val) // 2
-    texts = {"loc_text": _text_set(val, config.n_text_windows, config.text_prompt_len, config.text_answer_len, 0, half),
-             "calib_text": _text_set(val, config.n_text_windows, config.text_prompt_len, config.text_answer_len,
-                                     half, len(val))}
-    max_new = max(len(c) for c in kb.cities) + 2
-    fact_prompts = {"loc_fact": [p for p, _ in loc_rows], "calib_fact": [p for p, _ in calib_fact_rows]}
 
-    def predict_all(pred: Predictor) -> dict:
+class EditWorld:
+    """One seed's edit stream with its fixed evaluation and calibration sets, the base model's predictions on
+    them, and the metrics of any model's predictions (metrics_at)."""
+
+    def __init__(self, config: EditingConfig, base_model, seed: int):
+        self.config = config
+        data = PretrainData(block_size=base_model.config.block_size, seed=0)  # the base's corpus and KB
+        kb = data.kb
+        self.T_max = config.stream_lengths[-1]
+        self.world = make_edit_stream(kb, self.T_max, seed, config.new_entity_fraction,
+                                      config.n_locality_entities, config.n_calib_entities)
+        self.edits = edits = self.world["edits"]
+        # evaluation and calibration sets (fixed for the run)
+        self.edit_rows = [render(e["entity"], e["city"], e["template"]) for e in edits]
+        gen_rows, gen_edit = [], []  # generality prompts and the edit each belongs to
+        for i, e in enumerate(edits):
+            for t in e["generality_templates"]:
+                gen_rows.append(render(e["entity"], e["city"], t))
+                gen_edit.append(i)
+        self.gen_edit = np.array(gen_edit)
+        calib_par_rows = [render(e["entity"], e["city"], e["calib_template"]) for e in edits]
+        loc_rows = _fact_rows(self.world["locality_entities"], kb.city_of)
+        calib_fact_rows = _fact_rows(self.world["calib_entities"], kb.city_of)
+        rows = self.edit_rows + gen_rows + calib_par_rows + loc_rows + calib_fact_rows
+        seq_len = max(len(p) + len(a) for p, a in rows)
+        if seq_len > base_model.config.block_size:
+            raise ValueError(f"fact lines need {seq_len} positions but block_size is {base_model.config.block_size}")
+        self.sets = {"edit": PromptSet(self.edit_rows, seq_len), "gen": PromptSet(gen_rows, seq_len),
+                     "calib_par": PromptSet(calib_par_rows, seq_len), "loc_fact": PromptSet(loc_rows, seq_len),
+                     "calib_fact": PromptSet(calib_fact_rows, seq_len)}
+        val = data.streams["val"]
+        half = len(val) // 2
+        n, lp, la = config.n_text_windows, config.text_prompt_len, config.text_answer_len
+        self.texts = {"loc_text": _text_set(val, n, lp, la, 0, half),
+                      "calib_text": _text_set(val, n, lp, la, half, len(val))}
+        self.max_new = max(len(c) for c in kb.cities) + 2
+        self.fact_prompts = {"loc_fact": [p for p, _ in loc_rows], "calib_fact": [p for p, _ in calib_fact_rows]}
+        self.base_out = self.predict_all(Predictor(base_model))
+
+    def predict_all(self, pred: Predictor) -> dict:
         out = {}
-        for name, s in sets.items():
+        for name, s in self.sets.items():
             out[name] = pred.forward(s.x, s.key_pos)
-        for name, s in texts.items():
+        for name, s in self.texts.items():
             out[name] = pred.forward(s["x"], s["key_pos"])
-        for name, prompts in fact_prompts.items():
-            out[name + "_greedy"] = pred.greedy(prompts, max_new)
+        for name, prompts in self.fact_prompts.items():
+            out[name + "_greedy"] = pred.greedy(prompts, self.max_new)
         return out
 
-    base_out = predict_all(Predictor(base_model))
-
-    def metrics_at(on: dict, T: int, z_of=None, pick: bool = True) -> dict:
+    def metrics_at(self, on: dict, T: int, z_of=None, pick: bool = True) -> dict:
         """Metrics after T edits. z_of(name) → (B,) bool: each row's routing flag, reported as deferral_rate;
         with pick, a row takes the on-prediction where z and the base's elsewhere (ELDER's θ sweep). GRACE's
         on-predictions need no picking: a row without a key in range is the base already."""
+        config, edits, base_out, sets, texts, gen_edit = \
+            self.config, self.edits, self.base_out, self.sets, self.texts, self.gen_edit
+
         def choose(name):
             p = on[name][0]
             if z_of is None or not pick:
@@ -342,53 +358,57 @@ def run_editing(config: EditingConfig, base_model, seed: int = 0, progress: bool
                                     "unrelated": float(np.concatenate([z_of("loc_text"), z_of("loc_fact")]).mean())}
         return out
 
-    base_metrics = metrics_at(base_out, T_max)  # the unedited model on the full stream (a reference row)
-    for key in ("locality", "locality_text", "locality_text_tokens", "locality_facts", "leak", "leak_last"):
-        base_metrics.pop(key, None)
 
-    results = {}
-    for name in config.methods:
-        t_method = time.perf_counter()
-        per_method = {"elder": config.elder, "ft_lora": config.ft_lora, "grace": config.grace}[name]
-        overrides = {"n_iter": config.n_iter, "lr": config.lr, **per_method}
-        if name in ("elder", "grace"):  # both route from each prompt's key token and keep a table of edits
-            overrides.setdefault("pad_token_id", PAD_ID)
-            # GRACE adds at most one key per edit, so its codebook (and trainable count) is sized to the stream
-            overrides.setdefault("max_edits", max(1024, T_max) if name == "elder" else T_max)
-        method = EDIT_METHODS[name](**overrides)
-        model = copy.deepcopy(base_model)  # the caller's model is never touched
-        model.train()
-        method.attach(model, seed)
-        checkpoints, losses, edit_s = {}, [], 0.0
-        bar = tqdm(range(T_max), disable=not progress, leave=False, unit="edit", desc=f"{name} edits")
-        for i in bar:
-            x, y, mask = encode_examples([edit_rows[i]], len(edit_rows[i][0]) + len(edit_rows[i][1]))
-            t_edit = time.perf_counter()
-            curve = method.edit(x, y, mask)
-            edit_s += time.perf_counter() - t_edit
-            losses.append({"first": curve[0], "last": curve[-1]})
-            bar.set_postfix(loss=f"{curve[-1]:.3f}")
-            T = i + 1
-            if T not in config.stream_lengths:
-                continue
-            on = predict_all(Predictor(model, method if name in ("elder", "grace") else None))
-            if name == "elder":
-                checkpoints[T] = elder_checkpoint(method, on, T, metrics_at, config)
-            elif name == "grace":  # on[...][1]: whether each row's query hit a key
-                checkpoints[T] = {**metrics_at(on, T, lambda set_name: on[set_name][1], pick=False),
-                                  "n_keys": method.n_keys}
-            else:
-                checkpoints[T] = metrics_at(on, T)
-            m = checkpoints[T]["default"] if name == "elder" else checkpoints[T]
-            say(f"{name} after {T} edits: reliability {m['reliability']:.2f}, generality {m['generality']:.2f}, "
-                f"locality {m['locality']:.2f}, leak {m['leak']:.2f}")
-        bar.close()
-        results[name] = {"by_T": {str(T): v for T, v in checkpoints.items()}, "describe": method.describe(),
-                         "trainable_params": int(sum(p.size for p in method.trainable_parameters())),
-                         "edit_losses": losses, "edit_s": edit_s, "wall_s": time.perf_counter() - t_method}
-    return _jsonable({"scenario": "editing", "seed": seed, "config": config.to_dict(),
-                      "stream": world, "base": base_metrics, "results": results,
-                      "wall_s": time.perf_counter() - t0})
+def make_editor(name: str, config: EditingConfig, T_max: int):
+    """The method `name` with the scenario's per-edit budget and its own overrides."""
+    from ..adapters import EDIT_METHODS
+
+    per_method = {"elder": config.elder, "ft_lora": config.ft_lora, "grace": config.grace}[name]
+    overrides = {"n_iter": config.n_iter, "lr": config.lr, **per_method}
+    if name in ("elder", "grace"):  # both route from each prompt's key token and keep a table of edits
+        overrides.setdefault("pad_token_id", PAD_ID)
+        # GRACE adds at most one key per edit, so its codebook (and trainable count) is sized to the stream
+        overrides.setdefault("max_edits", max(1024, T_max) if name == "elder" else T_max)
+    return EDIT_METHODS[name](**overrides)
+
+
+def run_editor(name: str, world: EditWorld, base_model, seed: int, progress: bool, say) -> dict:
+    """One method through the stream on a copy of the base; its metrics after each T in stream_lengths."""
+    from tqdm.auto import tqdm
+
+    config, edit_rows = world.config, world.edit_rows
+    t_method = time.perf_counter()
+    method = make_editor(name, config, world.T_max)
+    model = copy.deepcopy(base_model)  # the caller's model is never touched
+    model.train()
+    method.attach(model, seed)
+    checkpoints, losses, edit_s = {}, [], 0.0
+    bar = tqdm(range(world.T_max), disable=not progress, leave=False, unit="edit", desc=f"{name} edits")
+    for i in bar:
+        x, y, mask = encode_examples([edit_rows[i]], len(edit_rows[i][0]) + len(edit_rows[i][1]))
+        t_edit = time.perf_counter()
+        curve = method.edit(x, y, mask)
+        edit_s += time.perf_counter() - t_edit
+        losses.append({"first": curve[0], "last": curve[-1]})
+        bar.set_postfix(loss=f"{curve[-1]:.3f}")
+        T = i + 1
+        if T not in config.stream_lengths:
+            continue
+        on = world.predict_all(Predictor(model, method if name in ("elder", "grace") else None))
+        if name == "elder":
+            checkpoints[T] = elder_checkpoint(method, on, T, world.metrics_at, config)
+        elif name == "grace":  # on[...][1]: whether each row's query hit a key
+            checkpoints[T] = {**world.metrics_at(on, T, lambda set_name: on[set_name][1], pick=False),
+                              "n_keys": method.n_keys}
+        else:
+            checkpoints[T] = world.metrics_at(on, T)
+        m = checkpoints[T]["default"] if name == "elder" else checkpoints[T]
+        say(f"{name} after {T} edits: reliability {m['reliability']:.2f}, generality {m['generality']:.2f}, "
+            f"locality {m['locality']:.2f}, leak {m['leak']:.2f}")
+    bar.close()
+    return {"by_T": {str(T): v for T, v in checkpoints.items()}, "describe": method.describe(),
+            "trainable_params": int(sum(p.size for p in method.trainable_parameters())),
+            "edit_losses": losses, "edit_s": edit_s, "wall_s": time.perf_counter() - t_method}
 
 
 def elder_checkpoint(elder, on: dict, T: int, metrics_at, config: EditingConfig) -> dict:

@@ -35,9 +35,10 @@ import numpy as np
 
 from ..adapters.base import token_context
 from ..adapters.slim import SlimConfig, l1_penalty
+from ..io import jsonable
 from ..optim import SGD, Adam
 from ..tasks import evaluate_task, make_tasks
-from .continual import ContinualConfig, _jsonable, build_method, run_continual
+from .continual import ContinualConfig, build_method, run_continual
 
 __all__ = ["VARIANTS", "EARLY_STEPS", "Recorder", "task_gradients", "slim_dynamics", "format_table", "format_layers",
            "main"]
@@ -197,7 +198,7 @@ def slim_dynamics(base_model, variants=tuple(VARIANTS), tasks=("rev",),
         result = run_continual(recorder, task_list, run_config, base_model, seed, progress=progress,
                                optimizer_class=OPTIMIZERS[opt_name])
         out[name] = {"optimizer": opt_name, "lr": run_config.lr, "overrides": overrides, "prox_l1": prox,
-                     "config": _jsonable(dataclasses.asdict(recorder.method.config)),
+                     "config": jsonable(dataclasses.asdict(recorder.method.config)),
                      "records": recorder.records, "learned": result["learning_acc"],
                      "final_loss": [t["final_loss"] for t in result["train_log"]],  # last 10% of steps, per task
                      "accuracy_by_eval_mode": _accuracy_by_eval_mode(recorder.method, task_list[-1:])}
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as fh:
-            json.dump(_jsonable({"args": vars(args), "runs": runs}), fh, indent=1)
+            json.dump(jsonable({"args": vars(args), "runs": runs}), fh, indent=1)
     return 0
 
 
