@@ -92,3 +92,28 @@ def test_the_reference_check_catches_what_it_should():
     assert resolves("docs/methods.md", "tinyslim/adapters/slim.py") and resolves("methods.md", "README.md")
     assert resolves("runs/demo/report.md", "README.md")
     assert SECTION_REF.findall("(docs/methods.md §1.1–1.4)") == [("1.1", "1.4")]
+
+
+def test_every_config_table_of_methods_md_matches_its_dataclass():
+    """A "### N.M Config (`XConfig`)" table lists fields of XConfig only, and every field of XConfig
+    appears in its section: the docs cannot keep a knob the code dropped, or miss one it added."""
+    import dataclasses
+
+    import tinyslim.adapters as adapters
+
+    text = (ROOT / "docs/methods.md").read_text()
+    sections = re.split(r"^(?=#{2,3} )", text, flags=re.M)
+    checked = []
+    for section in sections:
+        head = re.match(r"### [\d.]+ Config \(`(\w+)`\)", section)
+        if not head:
+            continue
+        cls = getattr(adapters, head[1])
+        fields = {f.name for f in dataclasses.fields(cls)}
+        listed = {name for row in re.findall(r"^\| ([^|]+)\|", section, re.M)
+                  for name in re.findall(r"`(\w+)`", row)}
+        assert listed <= fields, f"{head[1]}: docs/methods.md lists {sorted(listed - fields)}, which the class lacks"
+        missing = [f for f in sorted(fields) if f"`{f}`" not in section]
+        assert not missing, f"{head[1]}: fields {missing} are not described in docs/methods.md"
+        checked.append(head[1])
+    assert len(checked) >= 6, checked
