@@ -2,9 +2,11 @@
 
 ``run_suite`` runs, for each seed, on the same base model:
 
-    continual    scenario A: every method of ``continual_methods`` through the task sequence
-                 (SLIM's routing shares measured at the end: identity vs LoRA experts on task lines
-                 against pydoc text)
+    continual    scenario A: every row of ``continual_methods`` (the methods, the parameter-matched
+                 LoRAs, SLIM's ablations) through the task sequence, at the setting chosen on the
+                 tuning seeds (tuning.py) and, with ``frontier``, at ½× and 2× its learning rate
+                 (frontier.py); SLIM's routing shares measured at the end (identity vs LoRA experts
+                 on task lines against pydoc text)
     chain        COLA's claim on one task a small rank underfits: chains of m = 1, 2, 3 links at the
                  same step budget (m = 1 is plain LoRA)
     composition  scenario B: K single-task LoRAs, composed by sum, NLA and MoLE (with and without L_bal)
