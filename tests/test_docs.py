@@ -117,3 +117,16 @@ def test_every_config_table_of_methods_md_matches_its_dataclass():
         assert not missing, f"{head[1]}: fields {missing} are not described in docs/methods.md"
         checked.append(head[1])
     assert len(checked) >= 6, checked
+
+
+def test_every_source_file_the_docs_name_exists():
+    """`tinyslim/experiments/suite.py`, `continual.py`: a path (or the end of one) of a file in the repository."""
+    paths = set(FILES)
+    bad = []
+    for name, text in FILES.items():
+        if not (name.startswith("docs/") or name == "README.md"):
+            continue
+        for ref in re.findall(r"`((?:[\w.-]+/)*[\w.-]+\.(?:py|c|h|cu))`", text):
+            if not any(p == ref or p.endswith("/" + ref) for p in paths):
+                bad.append(f"{name}: {ref}")
+    assert not bad, "the docs name source files that do not exist:\n" + "\n".join(bad)
