@@ -1,7 +1,7 @@
 """Command line: ``python -m tinyslim {info, pretrain, sample, demo, run, bench, export, import}``.
 
-Each sub-command is a small function; argparse reports unknown options and bad values with the
-list of valid choices.
+Each sub-command is a small function, and each `run` scenario has its own options. A user error (a wrong
+option or value, a missing or wrong file, Ctrl-C) is one line on stderr, never a traceback.
 """
 from __future__ import annotations
 
@@ -80,7 +80,38 @@ def _load_for_sampling(path):
     return base_model()
 
 
+def _attach_adapter(model, path):
+    """The fine-tuned method of a `run continual` checkpoint (rebuilt from its name and config, its state
+    loaded) or a PEFT LoRA adapter directory, attached to `model`; returns (method or None, a description)."""
+    from .adapters import REGISTRY
+    from .io import CheckpointError, load_checkpoint
+
+    if Path(path).is_dir():
+        from .hf import load_peft_adapter
+        load_peft_adapter(model, path)
+        return None, f"PEFT adapter {path}"
+    arrays, meta = load_checkpoint(path)
+    if meta.get("kind") != "continual":
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}; --adapter takes a `run continual` checkpoint "
+                              "(runs/<name>/checkpoints/<method>-seed<N>.safetensors) or a PEFT adapter directory")
+    identity = meta["identity"]
+    classes = {name: cls for registry in REGISTRY.values() for name, cls in registry.items()}
+    if identity["method"] not in classes:
+        raise CheckpointError(f"{path} was written by method {identity['method']!r}, which this tinyslim does not know")
+    method = classes[identity["method"]](**identity["method_config"])
+    method.attach(model, identity["seed"])
+    try:
+        method.load_state_dict({k[len("method."):]: v for k, v in arrays.items() if k.startswith("method.")},
+                               meta["method_state"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} does not fit this base model: {err}") from None
+    done = meta["runner"]["position"][0]
+    return method, f"{identity['method']} after {done} of {len(identity['tasks'])} tasks ({path})"
+
+
 def cmd_sample(args) -> int:
+    import contextlib
+
     from .data import CharTokenizer
     tok = CharTokenizer()
     try:
@@ -89,8 +120,13 @@ def cmd_sample(args) -> int:
         print(f"error: --prompt: {err}", file=sys.stderr)
         return 2
     model, source = _load_for_sampling(args.checkpoint)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         greedy=args.greedy, rng=np.random.default_rng(args.seed))
+    method = None
+    if args.adapter:
+        method, adapter = _attach_adapter(model, args.adapter)
+        source += f" + {adapter}"
+    with method.evaluating() if method is not None else contextlib.nullcontext():
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             greedy=args.greedy, rng=np.random.default_rng(args.seed))
     print(f"# model: {source}")
     print(tok.decode(out[0]))
     return 0
@@ -134,7 +170,7 @@ def _run_suite(args, default_name: str, command: str) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model, source = base_model(progress=not args.quiet)
+    model, source = base_model(progress=not args.quiet, path=args.base)
     _base_summary(model, source)
     print(f"running {', '.join(scenarios)} at size {args.size!r}, seed(s) {', '.join(map(str, seeds))}; "
           f"report in {out_dir}/")
@@ -216,7 +252,8 @@ def cmd_run(args) -> int:
     suite_only = [flag for flag, value in (("--size", args.size != "quick"), ("--scenarios", args.scenarios),
                                            ("--no-plots", args.no_plots), ("--workers", args.workers)) if value]
     if suite_only:
-        print(f"error: {', '.join(suite_only)} apply to `run all` and `demo` only", file=sys.stderr)
+        print(f"error: `run {args.scenario}` takes no {', '.join(suite_only)}: such options apply to `run all` and "
+              "`demo` only", file=sys.stderr)
         return 2
     if args.scenario != "continual":
         return cmd_run_world(args)
@@ -241,7 +278,7 @@ def cmd_run(args) -> int:
             fields["fact_recall"] = False
         config = ContinualConfig(**fields)
         overrides = method_overrides(args.method_args, methods)
-        model, source = base_model(progress=not args.quiet)
+        model, source = base_model(progress=not args.quiet, path=args.base)
         doc = run_methods(methods, config, seeds, model, overrides, progress=not args.quiet,
                           checkpoint_dir=out_dir / "checkpoints", resume=args.resume)
     except (ValueError, CheckpointError) as err:
@@ -266,8 +303,9 @@ def cmd_run_all(args) -> int:
                                         ("--method-args", args.method_args), ("--set", args.set),
                                         ("--resume", args.resume), ("--no-fact-recall", args.no_fact_recall)) if value]
     if ignored:
-        print(f"error: {', '.join(ignored)} do not apply to `run all`, which runs every world at a named --size "
-              "(quick or full); run one scenario to change its settings", file=sys.stderr)
+        print(f"error: `run all` runs every world at a named --size (quick or full), so options such as "
+              f"{', '.join(ignored)} do not apply to `run all`; run one scenario to change its settings",
+              file=sys.stderr)
         return 2
     seeds = f"seed{args.seed}" if args.seeds == 1 else f"seeds{args.seed}-{args.seed + args.seeds - 1}"
     command = "python -m tinyslim run all" + "".join(f" {a}" for a in sys.argv[3:]) \
@@ -300,8 +338,8 @@ def cmd_run_world(args) -> int:
                                              ("--n-test", args.n_test), ("--eval-batches", args.eval_batches),
                                              ("--no-fact-recall", args.no_fact_recall)) if value]
     if ignored:
-        print(f"error: {', '.join(ignored)} apply to `run continual` only; set {scenario}'s fields with --set "
-              "FIELD=VALUE", file=sys.stderr)
+        print(f"error: `run {scenario}` takes no {', '.join(ignored)}: such options apply to `run continual` only; "
+              f"set {scenario}'s fields with --set FIELD=VALUE", file=sys.stderr)
         return 2
     seeds = list(range(args.seed, args.seed + args.seeds))
     name = args.name or (f"{scenario}-seed{args.seed}" if args.seeds == 1 else f"{scenario}-seeds{seeds[0]}-{seeds[-1]}")
@@ -335,7 +373,7 @@ def cmd_run_world(args) -> int:
         print(f"error: {err} (the {Config.__name__} fields are "
               f"{', '.join(f.name for f in dataclasses.fields(Config))})", file=sys.stderr)
         return 2
-    model, source = base_model(progress=not args.quiet)
+    model, source = base_model(progress=not args.quiet, path=args.base)
     runs, tables = [], []
     for seed in seeds:
         doc = run(config, model, seed, progress=not args.quiet)
@@ -389,9 +427,12 @@ def _bench(argv: list[str]) -> int:
     """`bench train-step …` / `bench kernels …`: forwards the remaining options to the benchmark script."""
     import importlib.util
 
+    usage = "usage: python -m tinyslim bench {train-step,kernels} [options]   (--help after the name for options)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if not argv or argv[0] not in ("train-step", "kernels"):
-        print("usage: python -m tinyslim bench {train-step,kernels} [options]   (--help after the name for options)",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{argv[0].replace('-', '_')}.py"
     if not script.is_file():
@@ -404,60 +445,76 @@ def _bench(argv: list[str]) -> int:
     return module.main(argv[1:]) or 0
 
 
-def _suite_options(p, default_size: str, prefix: str = "", frontier: bool = False) -> None:
+def _suite_options(p, default_size: str, prefix: str = "", frontier: bool = False, shown: bool = True) -> None:
     from .experiments.suite import SCENARIOS, SIZES
+
+    def hide(text):
+        return text if shown else argparse.SUPPRESS
+
     p.add_argument("--size", choices=sorted(SIZES), default=default_size,
-                   help=f"{prefix}quick (the demo; its measured time is in the README), full (each "
-                   "scenario's calibrated settings; ≈ 9 min a seed on 2 cores), tiny (seconds, meaningless numbers)")
-    p.add_argument("--scenarios", default=None, help=f"{prefix}comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--no-plots", action="store_true", help=f"{prefix}skip the PNG plots")
-    p.add_argument("--workers", type=int, default=None, help=f"{prefix}processes for the independent runs (default: "
-                   "one per core; 1 runs everything in this process, with per-step progress bars)")
-    p.add_argument("--frontier", action=argparse.BooleanOptionalAction, default=frontier, help=f"{prefix}also run every scenario-A method at ½× and 2× its learning rate (the "
-                   "stability–plasticity frontier that the forgetting claims are judged on); default: on for "
-                   "`run all`, off for the one-seed demo")
+                   help=hide(f"{prefix}quick (the demo; its measured time is in the README), full (each scenario's "
+                             "calibrated settings; ≈ 9 min a seed on 2 cores), tiny (seconds, meaningless numbers)"))
+    p.add_argument("--scenarios", default=None, help=hide(f"{prefix}comma-separated subset of {','.join(SCENARIOS)}"))
+    p.add_argument("--no-plots", action="store_true", help=hide(f"{prefix}skip the PNG plots"))
+    p.add_argument("--workers", type=int, default=None, help=hide(f"{prefix}processes for the independent runs "
+                   "(default: one per core; 1 runs everything in this process, with per-step progress bars)"))
+    p.add_argument("--frontier", action=argparse.BooleanOptionalAction, default=frontier,
+                   help=hide(f"{prefix}also run every scenario-A method at ½× and 2× its learning rate (the "
+                             "stability–plasticity frontier that the forgetting claims are judged on); default: on "
+                             "for `run all`, off for the one-seed demo"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tinyslim",
-                                     description="tinyslim: LoRA-family fine-tuning and forgetting, from first principles.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,tune,run,readme,bench,export,import}")
-    sub.required = True
-
-    sub.add_parser("info", help="versions, compiled backends and why any is missing").set_defaults(fn=cmd_info)
-
+def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain the tiny base GPT (progress bar, resumable)")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--knowledge-fraction", type=float, default=0.3)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--out", default="runs/base/model.safetensors", help="where the final model is written")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="AdamW's peak learning rate, after warm-up and before the cosine decay (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="step s draws its batch from default_rng([seed, s]) (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="validation loss and a checkpoint every N steps (default %(default)s)")
+    p.add_argument("--knowledge-fraction", type=float, default=0.3, help="share of each batch drawn from the "
+                   "synthetic knowledge corpus, the rest being pydoc text (default %(default)s)")
+    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks (default %(default)s)")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads (default %(default)s)")
+    p.add_argument("--n-embd", type=int, default=128, help="channels (default %(default)s)")
+    p.add_argument("--block-size", type=int, default=128, help="context length (default %(default)s)")
+    p.add_argument("--out", default="runs/base/model.safetensors",
+                   help="where the final model is written, for `run … --base` and `sample --checkpoint` "
+                   "(default %(default)s)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists (default: "
+                   "go on from it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_pretrain)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint (default: the base model)")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--prompt", default="The ")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a checkpoint (default: the base model), optionally "
+                       "with a fine-tuned adapter")
+    p.add_argument("--checkpoint", default=None, help="a model checkpoint (default: the shipped base model)")
+    p.add_argument("--adapter", default=None, help="a `run continual` checkpoint "
+                   "(runs/<name>/checkpoints/<method>-seed<N>.safetensors) or a PEFT LoRA adapter directory, "
+                   "attached to the model")
+    p.add_argument("--prompt", default="The ", help="the text to continue (default %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="characters to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest characters only "
+                   "(default: all)")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest character")
+    p.add_argument("--seed", type=int, default=0, help="the sampling RNG's seed (default %(default)s)")
     p.set_defaults(fn=cmd_sample)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job: every method in the three worlds at a quick size, one seed; "
                        "writes runs/<name>/report.md, report.json and plots")
     _suite_options(p, default_size="quick")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …)")
     p.add_argument("--methods", default=None, help="scenario A's methods (default: all, with SLIM's ablation rows)")
+    p.add_argument("--base", default=None, help="a base model you pretrained (`pretrain --out PATH`); default: "
+                   "the shipped one")
     p.add_argument("--name", default=None, help="run directory under --runs-dir (default: demo, demo-2, … "
                    "whichever is free)")
     p.add_argument("--runs-dir", default="runs")
@@ -465,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
+
+def _tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="choose scenario A's settings on the tuning seeds (same grid size for every "
                        "method); writes tinyslim/experiments/tuning/<size>.json, which demo and run all read")
     p.add_argument("--size", choices=["quick", "full", "tiny"], default="quick")
@@ -477,43 +536,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_tune)
 
+
+# which `run` scenario shows which option; the others still parse (hidden), so that a misplaced one gets the
+# runner's own one-line explanation instead of argparse's usage text
+_RUN_SHOWS = {
+    "continual": {"--tasks", "--steps", "--batch-size", "--lr", "--rank", "--n-train", "--n-test", "--eval-batches",
+                  "--no-fact-recall", "--method-args", "--resume"},
+    "composition": {"--tasks", "--n-train", "--n-test", "--eval-batches", "--no-fact-recall", "--set"},
+    "editing": {"--set"},
+    "all": {"--size", "--scenarios", "--no-plots", "--workers", "--frontier"},
+}
+_RUN_METHODS = {"continual": "lora,er,ilora,cola", "composition": "lora_sum,nla,mole,mole_nobal",
+                "editing": "elder,ft_lora,grace", "all": "every scenario-A method, with SLIM's ablation rows"}
+
+
+def _run_scenario_parser(runs, scenario: str, aliases: list, help: str) -> None:
+    from .experiments.continual import ContinualConfig
+
+    shows = _RUN_SHOWS[scenario]
+    d = ContinualConfig()
+
+    def add(flag, *, help, **kw):
+        runs_it.add_argument(flag, help=help if flag in shows else argparse.SUPPRESS, **kw)
+
+    runs_it = runs.add_parser(scenario, aliases=aliases, help=help, description=help)
+    runs_it.add_argument("--methods", default=None, help=f"comma-separated method names (default "
+                         f"{_RUN_METHODS[scenario]})")
+    runs_it.add_argument("--seed", type=int, default=0, help="the first seed (default %(default)s)")
+    runs_it.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …); mean ± std over "
+                         "them (default %(default)s)")
+    runs_it.add_argument("--base", default=None, help="a base model you pretrained (`pretrain --out PATH`); "
+                         "default: the shipped one")
+    add("--tasks", default=None, help="comma-separated task tags in training order (default "
+        f"{','.join(d.tasks) if scenario == 'continual' else 'rev,cap,sft'}; also bck, dup, add)")
+    add("--steps", type=int, default=None, help=f"optimizer steps per task (default {d.steps})")
+    add("--batch-size", type=int, default=None, help=f"examples per step (default {d.batch_size})")
+    add("--lr", type=float, default=None, help=f"Adam's peak learning rate, decayed to 0 within each task "
+        f"(default {d.lr:g})")
+    add("--rank", type=int, default=None, help=f"LoRA rank of every method; α = 2·rank, so the scale stays 2 "
+        f"(default {d.rank})")
+    add("--n-train", type=int, default=None, help=f"training examples per task (default {d.n_train})")
+    add("--n-test", type=int, default=None, help=f"test examples per task (default {d.n_test})")
+    add("--eval-batches", type=int, default=None, help=f"held-out pydoc batches for general capability "
+        f"(default {d.eval_batches})")
+    add("--no-fact-recall", action="store_true", help="skip the held-out fact recall measurement")
+    add("--method-args", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
+        help="config overrides, e.g. ilora.ema_lambda=0.999 (repeatable, or comma-separated)")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help=f"a field of {'CompositionConfig' if scenario == 'composition' else 'EditingConfig'}, e.g. "
+        f"{'mole_steps=600' if scenario == 'composition' else 'stream_lengths=(10,50,100)'} (repeatable)")
+    add("--resume", action="store_true", help="go on from the run directory's checkpoints (written every 100 "
+        "steps and at task boundaries), ending as an uninterrupted run would")
+    runs_it.add_argument("--name", default=None, help="run directory name under --runs-dir (default "
+                         f"{'all-<size>-seed<N>' if scenario == 'all' else scenario + '-seed<N>'})")
+    runs_it.add_argument("--runs-dir", default="runs", help="where run directories go (default %(default)s)")
+    runs_it.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
+    runs_it.add_argument("--quiet", action="store_true", help="no progress bars")
+    _suite_options(runs_it, default_size="quick", frontier=True, shown=scenario == "all")
+    runs_it.set_defaults(fn=cmd_run)
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A), "
+                       "`run composition` (B), `run editing` (C), `run all` (every world, with a report)")
+    runs = p.add_subparsers(dest="scenario", metavar="{continual,composition,editing,all}")
+    runs.required = True
+    _run_scenario_parser(runs, "continual", [], "scenario A: every method through the task sequence; prints the "
+                         "accuracy matrices, writes runs/<name>/continual.json")
+    _run_scenario_parser(runs, "composition", ["compose"], "scenario B: single-task LoRAs composed by sum, NLA and "
+                         "MoLE; writes runs/<name>/composition.json")
+    _run_scenario_parser(runs, "editing", ["edit"], "scenario C: ELDER, FT-LoRA and GRACE through a stream of "
+                         "fact edits; writes runs/<name>/editing.json")
+    _run_scenario_parser(runs, "all", [], "every world with a report (as the demo), at --size, over --seeds")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a wrong option or value reported in one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m tinyslim",
+                                     description="tinyslim: LoRA-family fine-tuning and forgetting, from first principles.")
+    sub = parser.add_subparsers(dest="command", metavar="{info,pretrain,sample,demo,tune,run,readme,bench,export,import}")
+    sub.required = True
+    sub.add_parser("info", help="versions, compiled backends and why any is missing").set_defaults(fn=cmd_info)
+    _pretrain_parser(sub)
+    _sample_parser(sub)
+    _demo_parser(sub)
+    _tune_parser(sub)
+
     p = sub.add_parser("readme", help="rewrite the README's result tables from the committed reports they name")
     p.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"))
     p.add_argument("--check", action="store_true", help="only say whether every block agrees (exit 1 if not)")
     p.set_defaults(fn=cmd_readme)
 
-    p = sub.add_parser("run", help="run a scenario for several methods and seeds: `run continual` (scenario A), "
-                       "`run composition` (B), `run editing` (C)")
-    p.add_argument("scenario", choices=["continual", "composition", "editing", "compose", "edit", "all"],
-                   help="all: every world with a report (as the demo), at --size")
-    p.add_argument("--methods", default=None, help="comma-separated method names (continual: default "
-                   "lora,er,ilora,cola; composition: lora_sum,nla,mole,mole_nobal; editing: elder,ft_lora,grace)")
-    p.add_argument("--seed", type=int, default=0, help="the first seed")
-    p.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, …); mean ± std over them")
-    p.add_argument("--tasks", default=None, help="comma-separated task tags in training order "
-                   "(default rot,srt,rev,cap,sft; also bck, dup, add)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per task (default 800)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--rank", type=int, default=None,
-                   help="LoRA rank of every method (α = 2·rank, so the scale stays 2)")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--eval-batches", type=int, default=None, help="held-out pydoc batches for general capability")
-    p.add_argument("--no-fact-recall", action="store_true", help="skip the held-out fact recall measurement")
-    p.add_argument("--method-args", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
-                   help="config overrides, e.g. ilora.ema_lambda=0.999 (repeatable, or comma-separated)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="composition / editing: a field of CompositionConfig / EditingConfig, e.g. mole_steps=600 "
-                   "or stream_lengths=(10,50,100) (repeatable)")
-    p.add_argument("--name", default=None, help="run directory name under --runs-dir (default <scenario>-seed<N>)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory's results")
-    p.add_argument("--resume", action="store_true", help="continual: go on from the run directory's checkpoints "
-                   "(written every 100 steps and at task boundaries), ending as an uninterrupted run would")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _suite_options(p, default_size="quick", prefix="all: ", frontier=True)
-    p.set_defaults(fn=cmd_run)
+    _run_parser(sub)
 
     p = sub.add_parser("export", help="write a checkpoint in Hugging Face's GPT-2 layout (config.json + safetensors)")
     p.add_argument("--checkpoint", default=None, help="a tinyslim model checkpoint (default: the base model)")
@@ -532,8 +652,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. A user error (a missing or wrong file, Ctrl-C) is one line on stderr, not a
+    traceback."""
+    from .io import CheckpointError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # the benchmark scripts own their options
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        again = {"pretrain": "; the same command resumes from the last checkpoint",
+                 "run": "; with --resume, `run continual` goes on from the last checkpoint"}.get(args.command, "")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
