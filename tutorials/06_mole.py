@@ -234,7 +234,7 @@ ranked = sorted(mean_acc, key=mean_acc.get, reverse=True)
 order = ranked[0] + "".join((" = " if round(mean_acc[a], 4) == round(mean_acc[b], 4) else " > ") + b
                             for a, b in zip(ranked, ranked[1:]))
 print(f"The three LoRAs reached {min(own):.0%}–{max(own):.0%} on their own tasks. Mean accuracy over the three "
-      f"tasks: sum {mean_acc['sum']:.0%}, NLA {mean_acc['NLA']:.0%}, MoLE {mean_acc['MoLE']:.0%} (order: {order}); "
+      f"tasks: sum {mean_acc['sum']:.1%}, NLA {mean_acc['NLA']:.1%}, MoLE {mean_acc['MoLE']:.1%} (order: {order}); "
       f"MoLE > NLA > sum {'holds' if mean_acc['MoLE'] > mean_acc['NLA'] > mean_acc['sum'] else 'does not hold'} "
       "in this run. MoLE's mean gate on the right LoRA: "
       + ", ".join(f"{v:.2f} on {k} inputs" for k, v in own_gate.items()) + " (uniform: 0.33). Masking LoRA j "
