@@ -651,6 +651,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RUN_SCENARIOS = ("continual", "composition", "compose", "editing", "edit", "all")
+_RUN_FLAGS = {"-h", "--help", "--no-fact-recall", "--resume", "--overwrite", "--quiet", "--no-plots", "--frontier",
+              "--no-frontier"}  # the `run` options that take no value
+
+
+def _scenario_first(argv: list[str]) -> list[str] | None:
+    """`run --seed 1 continual …` → `run continual --seed 1 …` (each scenario parses its own options); None when
+    no scenario is named."""
+    i = 1
+    while i < len(argv):
+        if not argv[i].startswith("-"):
+            return argv[:1] + [argv[i]] + argv[1:i] + argv[i + 1:]
+        i += 1 if ("=" in argv[i] or argv[i] in _RUN_FLAGS) else 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. A user error (a missing or wrong file, Ctrl-C) is one line on stderr, not a
     traceback."""
@@ -659,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # the benchmark scripts own their options
         return _bench(argv[1:])
+    if argv and argv[0] == "run" and not set(argv[1:2]) & {"-h", "--help"}:
+        ordered = _scenario_first(argv)
+        if ordered is None:
+            print("error: `run` needs a scenario: continual, composition, editing or all, then its options "
+                  "(`run <scenario> --help` lists them: e.g. --set for composition and editing)", file=sys.stderr)
+            return 2
+        argv = ordered
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
