@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_generated_readme_block_is_what_its_report_gives():
-    assert "<!-- generated: claims from " in (ROOT / "README.md").read_text()
+    assert "<!-- generated: continual-table from " in (ROOT / "README.md").read_text()
     assert check_readme(ROOT / "README.md") == []
 
 
@@ -20,13 +20,13 @@ def test_a_hand_edited_number_is_caught(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- generated: frontier-table from r.json -->\nold\n<!-- end generated: frontier-table -->\nend\n")
-    assert check_readme(readme) == ["frontier-tabler.json"]
+    assert check_readme(readme) == ["frontier-table from r.json"]
     fresh = render_readme(readme.read_text(), tmp_path)
     assert "lora" in fresh and "  50.0   25.0" in fresh and fresh.endswith("end\n")
     readme.write_text(fresh)
     assert check_readme(readme) == []
     readme.write_text(fresh.replace("50.0", "51.0"))
-    assert check_readme(readme) == ["frontier-tabler.json"]
+    assert check_readme(readme) == ["frontier-table from r.json"]
 
 
 def test_a_block_naming_a_missing_report_is_an_error(tmp_path):

@@ -162,7 +162,7 @@ print("with the code table emptied, all rows are deferred and bit-identical to t
 # edit, and how many were deferred. Only the exact z = 0 checks are asserted.
 #
 # docs/methods.md §5.10 states the toy target (ELDER keeps reliability and locality high over the
-# stream, FT-LoRA decays); `python -m tinyslim run all --seeds 3` measures it over longer streams and
+# stream, FT-LoRA decays); `python -m tinyslim run all --seeds 5` measures it over longer streams and
 # several seeds. This short run reports its numbers and asserts only the exact mechanisms.
 
 # %%

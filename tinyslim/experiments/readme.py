@@ -66,8 +66,8 @@ def check_readme(readme: Path) -> list[str]:
     """The names of the blocks whose text differs from what their report gives (empty: all agree)."""
     text = readme.read_text()
     fresh = render_readme(text, readme.parent)
-    old = {m.group("name") + m.group("path"): m.group("body") for m in _BLOCK.finditer(text)}
-    new = {m.group("name") + m.group("path"): m.group("body") for m in _BLOCK.finditer(fresh)}
+    old = {f"{m.group('name')} from {m.group('path')}": m.group("body") for m in _BLOCK.finditer(text)}
+    new = {f"{m.group('name')} from {m.group('path')}": m.group("body") for m in _BLOCK.finditer(fresh)}
     return [key for key in old if old[key] != new[key]]
 
 
