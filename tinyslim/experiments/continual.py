@@ -391,7 +391,6 @@ def _load_run_checkpoint(path, identity: dict, method, optimizer) -> dict:
     return runner
 
 
-_jsonable = jsonable  # the old private name, still imported by suite.py (owned elsewhere); use io.jsonable
 
 
 # ---- several methods and seeds -------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..io import atomic_write_bytes
 from .continual import format_results
-from .report import _claims_table, format_frontier, format_seed_summary
+from .report import claims_table, format_frontier, format_seed_summary
 from .tuning import format_tuning
 
 __all__ = ["BLOCKS", "render_readme", "check_readme", "update_readme"]
@@ -39,7 +39,7 @@ def _continual_table(doc: dict) -> str:
 
 
 BLOCKS = {
-    "claims": lambda doc: _header(doc) + "\n\n" + _claims_table(doc["claims"]),
+    "claims": lambda doc: _header(doc) + "\n\n" + claims_table(doc["claims"]),
     "continual-table": lambda doc: _header(doc) + "\n\n" + _continual_table(doc),
     "frontier-table": lambda doc: "```\n" + format_frontier(doc["frontier"]) + "\n```",
     "tuning-table": lambda doc: "```\n" + format_tuning(doc["tuning"]) + "\n```",

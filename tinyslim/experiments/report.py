@@ -21,7 +21,7 @@ from .continual import format_results
 from .editing import format_editing
 from .tuning import format_tuning
 
-__all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_seed_summary",
+__all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_seed_summary", "claims_table",
            "format_claims_text"]
 
 
@@ -96,7 +96,7 @@ def format_effect(c: dict) -> str:
     return f"{c['effect']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {c['unit']}"
 
 
-def _claims_table(claims: list[dict]) -> str:
+def claims_table(claims: list[dict]) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     lines = ["| paper | claim (one ordering) | the paper's numbers | toy test | toy result (mean over seeds) | "
              "effect A − B [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
@@ -159,7 +159,7 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
             "the mean effect with its 95% paired-t interval. *Supported*: the interval lies above 0; "
             "*contradicted*: below 0; *inconclusive*: it contains 0 (or one seed only). The verdicts come from the "
             "reported seeds only; a supported claim should stay supported on fresh seeds.", "",
-            "```\n" + format_claims_text(doc["claims"]) + "\n```" if terminal else _claims_table(doc["claims"]), ""]
+            "```\n" + format_claims_text(doc["claims"]) + "\n```" if terminal else claims_table(doc["claims"]), ""]
     sections = [
         ("continual", "Scenario A: continual fine-tuning", lambda c: format_results(
             c["summary"], list(c["config"]["tasks"]), c["base_general"]), ("accuracy_matrices", "forgetting_curves",

@@ -28,7 +28,8 @@ import numpy as np
 from ..tasks import make_tasks
 from . import metrics
 from .composition import CompositionConfig, run_composition
-from .continual import ContinualConfig, GeneralEval, _jsonable, build_method, methods_doc, run_continual
+from ..io import jsonable
+from .continual import ContinualConfig, GeneralEval, build_method, methods_doc, run_continual
 from .editing import EditingConfig, run_editing
 from .jobs import Job, run_jobs
 from .tuning import load_tuning, settings_for
@@ -304,7 +305,7 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         for m in chain["links"]:
             runs = [results[f"chain m={m} seed {seed}"] for seed in seeds]
             rows[str(m)] = {"runs": runs, **{k: metrics.mean_std([r[k] for r in runs]) for k in ("acc", "final_loss")}}
-        doc["chain"] = {"config": _jsonable(chain), "seeds": seeds, "rows": rows}
+        doc["chain"] = {"config": jsonable(chain), "seeds": seeds, "rows": rows}
     if "composition" in scenarios:
         runs = [results[f"composition seed {seed}"] for seed in seeds]
         doc["composition"] = {"config": configs["composition"].to_dict(), "runs": runs,
@@ -313,4 +314,4 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         runs = [results[f"editing seed {seed}"] for seed in seeds]
         doc["editing"] = {"config": configs["editing"].to_dict(), "runs": runs, "summary": _editing_summary(runs)}
     doc["timings"]["total (wall)"] = time.perf_counter() - t_suite
-    return _jsonable(doc)
+    return jsonable(doc)
