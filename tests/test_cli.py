@@ -99,6 +99,8 @@ def test_sample_from_a_fine_tuned_adapter(run_checkpoint):
     (["sample", "--adapter", "{missing}"], "does not exist"),
     (["run", "continual", "--base", "{missing}"], "does not exist"),
     (["export", "--checkpoint", "{ckpt}", "--out", "{tmp}"], "not a GPT model"),
+    (["run", "all", "--size", "tiny", "--scenarios", "chain", "--update", "{tmp}"], "no report.json there"),
+    (["run", "editing", "--update", "{tmp}"], "apply to `run all` and `demo` only"),
 ])
 def test_user_errors_are_one_line(run_checkpoint, tmp_path, args, message):
     fill = {"ckpt": str(run_checkpoint), "missing": str(tmp_path / "none.safetensors"), "tmp": str(tmp_path / "x")}

@@ -40,6 +40,8 @@ def test_demo_writes_the_report_with_every_method(demo_dir):
     for label, stats in routing["inputs"].items():
         assert len(stats["identity_mass"]) == len(routing["layers"]) > 0
         assert all(0.0 <= v <= 1.0 for v in stats["identity_mass"]), label
+    assert set(doc["replay"]["results"]) == {"er", "ilora"} and doc["replay"]["buffer_size"] == configs["replay_buffer"]
+    assert [m for m, o in doc["replay"]["method_overrides"].items() if o["buffer_size"] == 4] == ["er", "ilora"]
     assert set(doc["chain"]["rows"]) == {"1", "2", "3"}
     assert set(doc["composition"]["runs"][0]["methods"]) == set(configs["composition"].methods)
     assert set(doc["editing"]["runs"][0]["results"]) == set(configs["editing"].methods)
@@ -53,6 +55,7 @@ def test_demo_writes_the_report_with_every_method(demo_dir):
     assert len(doc["frontier"]["factors"]) == 1  # the demo runs no frontier
     md = (demo_dir / "report.md").read_text()
     assert "## The papers' claims in the toy world" in md and "| SLIM |" in md and "## Scenario C" in md
+    assert "## The replay study" in md
     assert "too few for evidence" in md and "Tuning seeds:" in md
     assert "The numbers below mean nothing" in md  # the tiny size says so
 

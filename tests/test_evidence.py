@@ -181,6 +181,48 @@ def test_scenario_a_claims_follow_the_planted_numbers():
             assert c["n"] == 5 and len(c["ci95"]) == 2 and c["ci95"][0] <= c["effect"] <= c["ci95"][1]
 
 
+def test_ilora_claims_move_to_the_replay_study_when_it_ran():
+    doc = _planted_continual()
+    # in the replay study I-LoRA is behind ER on every seed: the rows judged there say so, ER > LoRA stays in A
+    noise = [0.01, -0.02, 0.015, -0.005, 0.0]
+    doc["replay"] = {"seeds": list(range(5)), "buffer_size": 200, "config": {"tasks": ["a", "b", "c", "d", "e"]},
+                     "results": {"er": [_cont(.80 + e, -.2, .99, .03) for e in noise],
+                                 "ilora": [_cont(.70 + e, -.3, .99, .03, slow=-.3, fast=-.35 + e) for e in noise]}}
+    claims = {c["claim"]: c for c in evaluate_claims(doc)}
+    by_start = lambda text: next(c for k, c in claims.items() if k.startswith(text))  # noqa: E731
+    acc = by_start("I-LoRA ends with higher accuracy")
+    assert acc["verdict"] == "contradicted" and acc["effect"] == pytest.approx(-10.0)
+    assert "the replay study (5 tasks, a 200-example buffer)" in acc["test"]
+    assert by_start("I-LoRA forgets less")["verdict"] == "contradicted"
+    assert by_start("the slow (EMA) learner")["verdict"] == "supported"
+    er = by_start("experience replay ends")
+    assert er["verdict"] == "supported" and "in scenario A" in er["test"]
+
+
+def test_update_replaces_only_the_scenarios_re_run():
+    from tinyslim.experiments.suite import update_suite_doc
+
+    old = {"size": "quick", "seeds": [0, 1], "scenarios": ["continual", "chain"], "continual": "A", "frontier": "F",
+           "chain": "old chain", "claims": ["stale"], "plots": {"x": "x.png"},
+           "timings": {"continual": 100.0, "chain": 10.0, "total (wall)": 110.0},
+           "run_seconds": {"continual lora seed 0": 100.0, "chain m=1 seed 0": 10.0}}
+    new = {"size": "quick", "seeds": [0, 1], "scenarios": ["chain", "replay"], "chain": "new chain", "replay": "R",
+           "timings": {"chain": 12.0, "replay": 50.0, "total (wall)": 40.0}, "command": "run all --update",
+           "created": "today", "workers": 2,
+           "run_seconds": {"chain m=1 seed 0": 12.0, "replay er seed 0": 50.0}}
+    doc = update_suite_doc(old, new)
+    assert doc["continual"] == "A" and doc["frontier"] == "F" and doc["chain"] == "new chain" and doc["replay"] == "R"
+    assert "claims" not in doc and "plots" not in doc  # made again from the new document
+    assert doc["scenarios"] == ["continual", "replay", "chain"]
+    assert doc["timings"] == {"continual": 100.0, "chain": 12.0, "total (wall)": 110.0, "replay": 50.0}
+    assert doc["run_seconds"] == {"continual lora seed 0": 100.0, "chain m=1 seed 0": 12.0, "replay er seed 0": 50.0}
+    assert doc["updates"] == [{"scenarios": ["chain", "replay"], "command": "run all --update", "created": "today",
+                               "wall_s": 40.0, "workers": 2, "backend": None}]
+    assert old["chain"] == "old chain" and "claims" in old  # the old document is left as it was
+    with pytest.raises(ValueError, match="same --size and seeds"):
+        update_suite_doc(old, {**new, "seeds": [0]})
+
+
 def test_forgetting_claims_use_the_frontier_when_there_is_one():
     doc = _planted_continual()
     # SLIM's frontier reaches LoRA's learning with more kept: the operating points said the opposite

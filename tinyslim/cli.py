@@ -152,7 +152,7 @@ def _run_suite(args, default_name: str, command: str) -> int:
     from . import kernels
     from .experiments.report import new_run_dir, render_markdown, write_report
     from .io import atomic_write_bytes
-    from .experiments.suite import SCENARIOS, run_suite
+    from .experiments.suite import SCENARIOS, run_suite, update_suite_doc
 
     from .experiments.jobs import default_workers
 
@@ -164,11 +164,22 @@ def _run_suite(args, default_name: str, command: str) -> int:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    try:
-        out_dir = new_run_dir(args.runs_dir, args.name, default_name, args.overwrite)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    update = getattr(args, "update", None)
+    if update is not None:  # re-run some scenarios of an existing report, in place
+        out_dir = Path(update)
+        if not (out_dir / "report.json").is_file():
+            print(f"error: --update {out_dir}: no report.json there; give the directory of a report written by "
+                  "`run all` or `demo`", file=sys.stderr)
+            return 2
+        if args.name is not None:
+            print("error: --update writes into the report's own directory; drop --name", file=sys.stderr)
+            return 2
+    else:
+        try:
+            out_dir = new_run_dir(args.runs_dir, args.name, default_name, args.overwrite)
+        except FileExistsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     model, source = base_model(progress=not args.quiet, path=args.base)
     _base_summary(model, source)
@@ -183,6 +194,13 @@ def _run_suite(args, default_name: str, command: str) -> int:
     doc.update(name=out_dir.name, command=command, base_source=source, backend=kernels.get_backend(),
                created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     out_dir.mkdir(parents=True, exist_ok=True)  # the raw results first: a report that fails to render loses no run
+    if update is not None:
+        atomic_write_bytes(out_dir / f"suite-update-{'-'.join(scenarios)}.json", json.dumps(doc).encode())
+        try:
+            doc = update_suite_doc(json.loads((out_dir / "report.json").read_text()), doc)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     atomic_write_bytes(out_dir / "suite.json", json.dumps(doc).encode())
     paths = write_report(doc, out_dir, plots=not args.no_plots)
     print("\n" + render_markdown(doc, terminal=True))
@@ -250,7 +268,8 @@ def cmd_run(args) -> int:
     if args.scenario == "all":
         return cmd_run_all(args)
     suite_only = [flag for flag, value in (("--size", args.size != "quick"), ("--scenarios", args.scenarios),
-                                           ("--no-plots", args.no_plots), ("--workers", args.workers)) if value]
+                                           ("--no-plots", args.no_plots), ("--workers", args.workers),
+                                           ("--update", args.update)) if value]
     if suite_only:
         print(f"error: `run {args.scenario}` takes no {', '.join(suite_only)}: such options apply to `run all` and "
               "`demo` only", file=sys.stderr)
@@ -544,7 +563,7 @@ _RUN_SHOWS = {
                   "--no-fact-recall", "--method-args", "--resume"},
     "composition": {"--tasks", "--n-train", "--n-test", "--eval-batches", "--no-fact-recall", "--set"},
     "editing": {"--set"},
-    "all": {"--size", "--scenarios", "--no-plots", "--workers", "--frontier"},
+    "all": {"--size", "--scenarios", "--no-plots", "--workers", "--frontier", "--update"},
 }
 _RUN_METHODS = {"continual": "lora,er,ilora,cola", "composition": "lora_sum,nla,mole,mole_nobal",
                 "editing": "elder,ft_lora,grace", "all": "every scenario-A method, with SLIM's ablation rows"}
@@ -587,6 +606,8 @@ def _run_scenario_parser(runs, scenario: str, aliases: list, help: str) -> None:
         f"{'mole_steps=600' if scenario == 'composition' else 'stream_lengths=(10,50,100)'} (repeatable)")
     add("--resume", action="store_true", help="go on from the run directory's checkpoints (written every 100 "
         "steps and at task boundaries), ending as an uninterrupted run would")
+    add("--update", default=None, metavar="DIR", help="re-run only --scenarios and replace them in the report in DIR "
+        "(same --size and seeds); its claims, tables and plots are made again, and the report says what was re-run")
     runs_it.add_argument("--name", default=None, help="run directory name under --runs-dir (default "
                          f"{'all-<size>-seed<N>' if scenario == 'all' else scenario + '-seed<N>'})")
     runs_it.add_argument("--runs-dir", default="runs", help="where run directories go (default %(default)s)")

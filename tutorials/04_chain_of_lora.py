@@ -4,8 +4,9 @@
 # A rank-r LoRA can only ever add a rank-r update to a weight. COLA (Xia, Qin, Hazan; arXiv
 # 2401.04151) gets a higher-rank update at the same cost: train a LoRA for a while, "tie a knot" by
 # merging it into the frozen weight, start a fresh LoRA that learns what is left, and repeat. This
-# tutorial runs a chain, checks the algebra of the knots numerically, and races a chain of m = 3
-# links against plain LoRA (m = 1) at the same step budget and a deliberately small rank.
+# tutorial runs a chain, checks the algebra of the knots numerically, and races chains of m = 2 and 3
+# links against plain LoRA (m = 1) at the same step budget, on a task where the rank is the bottleneck
+# (sorting letters at rank 1), over three seeds.
 #
 # Run it: `python tutorials/04_chain_of_lora.py`. `TINYSLIM_FAST=1` trains for fewer steps.
 
@@ -44,25 +45,28 @@ OUT.mkdir(parents=True, exist_ok=True)
 # (`tie_knot`, `after_step`).
 
 # %%
-TASK = make_task("sft", seed=0, n_train=2000, n_test=50 if FAST else 100)  # Caesar shift: abcd → bcde
-T = 60 if FAST else 600
+TASK_NAME = "srt"  # sort the letters: a task a rank-1 update cannot fit in 800 steps (section 3 measures it)
+T = 80 if FAST else 800
 RANK = 1  # small on purpose: the effect can only show where the rank is a bottleneck
 TARGETS = ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]
+N_TEST = 50 if FAST else 100
+TASK = make_task(TASK_NAME, seed=0, n_train=2000, n_test=N_TEST)
 print(TASK, f"\nbudget T = {T} steps, rank {RANK}")
 
 
-def run_chain(m, watch_knots=False):
-    """Train COLA with m links for T steps (the runner's loop); returns the method, its losses and, with
-    watch_knots, what each knot did."""
+def run_chain(m, seed=0, watch_knots=False):
+    """Train COLA with m links for T steps on the task drawn with `seed` (the runner's loop); returns the
+    method, its task, its losses and, with watch_knots, what each knot did and each link's update."""
+    task = make_task(TASK_NAME, seed=seed, n_train=2000, n_test=N_TEST)
     cola = make_method("cola", chain_len=m, r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS)
-    cola.attach(load_base(), seed=0)
+    cola.attach(load_base(), seed=seed)
     params = cola.trainable_parameters()
     opt = Adam(params, lr=4e-3)
     cola.before_task(0, T, opt)  # COLA owns the learning rate from here: lr_t = lr0 (1 − t/T)
-    rng, probe = np.random.default_rng(1), TASK.batch(8, np.random.default_rng(99))[0]
+    rng, probe = np.random.default_rng(seed + 1), task.batch(8, np.random.default_rng(99))[0]
     losses, knots, link_deltas = [], [], []
     for step in range(T):
-        x, y, mask = TASK.batch(16, rng)
+        x, y, mask = task.batch(16, rng)
         loss = cola.loss(x, y, mask)
         opt.zero_grad()
         loss.backward()
@@ -86,7 +90,7 @@ def run_chain(m, watch_knots=False):
                               adam_reset=opt.state == {} and opt.step_count == 0))
     if watch_knots:
         link_deltas.append({n: l.delta_weight().copy() for n, l in zip(cola.adapted, cola.layers())})
-    return cola, losses, knots, link_deltas
+    return cola, task, losses, knots, link_deltas
 
 # %% [markdown]
 # ## 2. The knots, checked numerically
@@ -96,7 +100,7 @@ def run_chain(m, watch_knots=False):
 # the end $W_{final} = W_0 + \sum_j s\,B_jA_j$, whose rank exceeds $r$ once there are several links.
 
 # %%
-cola3, losses3, knots, link_deltas = run_chain(3, watch_knots=True)
+cola3, _, losses3, knots, link_deltas = run_chain(3, watch_knots=True)
 for k in knots:
     print(f"knot at step {k['step']}: max |logits after − before| {k['logit_diff']:.1e}, "
           f"|ΔW − s·B·A| {k['W_change_err']:.1e}, new B = 0: {k['B_zero']}, Adam reset: {k['adam_reset']}")
@@ -113,52 +117,85 @@ for name in cola3.adapted[:3]:
     assert err < 1e-5 and RANK < rank <= 3 * RANK
 
 # %% [markdown]
-# ## 3. m = 1 against m = 3 at the same budget
+# ## 3. m = 1, 2, 3 at the same budget, over three seeds
 #
-# Same task, rank, seed, data order and learning-rate line; only the number of links differs. We
-# report the training loss over the last 10% of steps and the exact match on held-out prompts.
+# Same task, rank, data order and learning-rate line for every chain length; only the number of links
+# differs. Each seed draws its own task split, adapter initialisation and batch order, and the three
+# chain lengths of a seed share them, so the per-seed differences m − 1 are paired. We report the
+# exact match on held-out prompts and the training loss over the last 10% of steps.
 #
-# Whatever this run prints is what it found, and the comparison is reported, not asserted: the
-# effect the paper reports can be small or absent on the tiny GPT, and when the rank is too small for
-# either run to solve the task both stay near 0% exact match. One seed proves nothing either way;
-# `python -m tinyslim run all --seeds 5` tests COLA's claim on five, with a 95% interval.
+# Why srt at rank 1 and 800 steps: at rank 1 a LoRA can add only a rank-1 update per weight, and
+# sorting needs more than that (the loss plateaus, section 4's plot). The step count was chosen on the
+# tuning seeds 100–102, never on the seeds shown here: `python -m tinyslim run all` runs this study,
+# and at 600 steps the chains were behind plain LoRA there (m = 2: −2.7 points, m = 3: −4.7), at
+# 800 ahead (+3.0 and +2.3; docs/evidence.md, "COLA's step budget"). Whatever this run prints is what
+# it found; the comparison is reported, not asserted. `python -m tinyslim run all --seeds 5` judges the
+# claim on five seeds with a 95% interval.
 
 # %%
-cola1, losses1, _, _ = run_chain(1)
-results = {}
-for m, cola, losses in ((1, cola1, losses1), (3, cola3, losses3)):
-    with cola.evaluating() as model:
-        acc = evaluate_task(model, TASK)
-    tail = np.mean(losses[-max(T // 10, 5):])
-    results[m] = (tail, acc)
-    print(f"m = {m}: final train loss {tail:.3f} nats/char, exact match {acc:.0%}")
+SEEDS = (0, 1, 2)
+LINKS = (1, 2, 3)
+runs = {}  # (m, seed) -> (exact match, final loss, losses)
+for seed in SEEDS:
+    for m in LINKS:
+        if (m, seed) == (3, 0):  # section 2 trained this one already
+            cola, task, losses = cola3, TASK, losses3
+        else:
+            cola, task, losses, _, _ = run_chain(m, seed)
+        with cola.evaluating() as model:
+            acc = evaluate_task(model, task)
+        runs[m, seed] = (acc, float(np.mean(losses[-max(T // 10, 5):])), losses)
+        if (m, seed) == (1, 0):
+            cola1, losses1 = cola, losses
+
+print(f"{TASK_NAME}, rank {RANK}, {T} steps: exact match % (final train loss, nats/char)")
+print(f"{'seed':<6}" + "".join(f"{'m = ' + str(m):>18}" for m in LINKS))
+for seed in SEEDS:
+    print(f"{seed:<6}" + "".join(f"{runs[m, seed][0]:>10.0%} ({runs[m, seed][1]:.3f})" for m in LINKS))
+effects = {}
+for m in LINKS[1:]:
+    diffs = [100 * (runs[m, s][0] - runs[1, s][0]) for s in SEEDS]
+    effects[m] = np.mean(diffs)
+    ahead = sum(d > 0 for d in diffs)
+    print(f"m = {m} − m = 1: {effects[m]:+.1f} points on average (per seed: "
+          f"{', '.join(f'{d:+.0f}' for d in diffs)}; ahead on {ahead} of {len(SEEDS)} seeds)")
 
 rank1 = max(np.linalg.matrix_rank((w - cola1.W0[n]).astype(np.float64), tol=1e-5)
             for n, w in cola1.merged_weights().items())
 print(f"plain LoRA's update has rank {rank1}; the chain's has rank up to {3 * RANK}")
-better = "lower" if results[3][0] < results[1][0] else "not lower"
-print(f"in this run, m = 3's final training loss is {better} than m = 1's ({results[3][0]:.3f} vs {results[1][0]:.3f} "
-      f"nats/char), at {results[3][1]:.0%} vs {results[1][1]:.0%} exact match")
 assert rank1 <= RANK
 
+# %% [markdown]
+# ## 4. The picture
+#
+# Left: the training loss of seed 0 for m = 1 and m = 3 (dotted lines: the knots; at each the loss
+# may jump as the fresh link starts from zero and Adam restarts). Right: exact match per seed and
+# chain length, with each seed's points joined.
+
+# %%
 import matplotlib.pyplot as plt  # noqa: E402
 
-fig, ax = plt.subplots(figsize=(5.5, 3))
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
 smooth = lambda v: np.convolve(v, np.ones(10) / 10, mode="valid")  # noqa: E731
 ax.plot(smooth(losses1), label="m = 1 (plain LoRA)")
 ax.plot(smooth(losses3), label="m = 3 (COLA)")
 for k in knots:
     ax.axvline(k["step"], color="gray", ls=":", lw=1)
-ax.set(title=f"rank {RANK} on {TASK.name}: same budget, dotted = knots", xlabel="step",
-       ylabel="answer loss (nats/char)")
+ax.set(title=f"rank {RANK} on {TASK_NAME}, seed 0: same budget", xlabel="step", ylabel="answer loss (nats/char)")
 ax.legend()
+for seed in SEEDS:
+    ax2.plot(LINKS, [100 * runs[m, seed][0] for m in LINKS], "o-", alpha=0.6, label=f"seed {seed}")
+ax2.plot(LINKS, [100 * np.mean([runs[m, s][0] for s in SEEDS]) for m in LINKS], "k_", ms=25, mew=2, label="mean")
+ax2.set(title="exact match on held-out prompts", xlabel="links m", ylabel="%", xticks=LINKS)
+ax2.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(OUT / "04_cola_loss.png", dpi=100)
-print("plot written to", OUT / "04_cola_loss.png")
+fig.savefig(OUT / "04_cola.png", dpi=100)
+print("plot written to", OUT / "04_cola.png")
 
 # %% [markdown]
-# Both runs learned (the loss fell); the comparison itself is reported, not asserted.
+# Every run learned (its loss fell); which chain length wins is what the table above printed.
 
 # %%
-assert np.mean(losses1[-5:]) < np.mean(losses1[:5]) and np.mean(losses3[-5:]) < np.mean(losses3[:5])
+for (m, seed), (_, _, losses) in runs.items():
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), (m, seed)
 print("tutorial 04 checks passed")

@@ -21,8 +21,8 @@ from .continual import format_results
 from .editing import format_editing
 from .tuning import format_tuning
 
-__all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_seed_summary", "claims_table",
-           "format_claims_text"]
+__all__ = ["write_report", "render_markdown", "new_run_dir", "format_chain", "format_replay", "format_seed_summary",
+           "claims_table", "format_claims_text"]
 
 
 def new_run_dir(runs_dir, name: str | None, default: str, overwrite: bool = False) -> Path:
@@ -56,6 +56,14 @@ def format_chain(chain: dict) -> str:
     for m, row in chain["rows"].items():
         lines.append(f"{m:<8} {_ms(row['acc']):>14} {_ms(row['final_loss'], 1.0, '{:.3f}'):>18}")
     return "\n".join(lines)
+
+
+def format_replay(replay: dict) -> str:
+    """The replay study: scenario A's table for ER and I-LoRA at the study's buffer size."""
+    lrs = ", ".join(f"{m} {lr:g}" for m, lr in replay["lr"].items())
+    return (f"{len(replay['config']['tasks'])} tasks × {replay['config']['steps']} steps, a {replay['buffer_size']}-example "
+            f"buffer; learning rates from scenario A's tuning: {lrs}\n"
+            + format_results(replay["summary"], list(replay["config"]["tasks"]), replay["base_general"]))
 
 
 def format_seed_summary(doc: dict) -> str:
@@ -145,6 +153,8 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
            f"Time: {t.get('total (wall)', 0):.0f} s wall on {doc.get('workers', 1)} worker process(es); the runs of each "
            "scenario took " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total (wall)") +
            " (summed over its runs).", "",
+           *[f"Re-run later, in place (`--update`): {', '.join(u['scenarios'])}, by `{u['command']}` on {u['created']} "
+             f"({u['wall_s']:.0f} s wall on {u['workers']} worker process(es)).\n" for u in doc.get("updates", [])],
            "Optimiser state (Adam) is reset at every task boundary for every method. Accuracies are exact match of "
            "the greedy answer, in %.", ""]
     out += [_seeds_paragraph(doc), ""]
@@ -164,6 +174,7 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
         ("continual", "Scenario A: continual fine-tuning", lambda c: format_results(
             c["summary"], list(c["config"]["tasks"]), c["base_general"]), ("accuracy_matrices", "forgetting_curves",
                                                                             "slim_routing")),
+        ("replay", "The replay study: I-LoRA against ER over more tasks", format_replay, ()),
         ("chain", "COLA: one task, a rank that underfits", format_chain, ()),
         ("composition", "Scenario B: composing frozen LoRAs", lambda c: "\n\n".join(
             format_composition(r) for r in c["runs"]), ("mole_gates",)),

@@ -7,6 +7,9 @@
                  tuning seeds (tuning.py) and, with ``frontier``, at ½× and 2× its learning rate
                  (frontier.py); SLIM's routing shares measured at the end (identity vs LoRA experts
                  on task lines against pydoc text)
+    replay       the replay methods (ER, I-LoRA) through a longer task sequence, where their 200-example buffer
+                 no longer keeps every old task: I-LoRA against ER is only a race where ER is not saturated
+                 (on scenario A's three tasks ER ends at 98% and I-LoRA has nothing to add)
     chain        COLA's claim on one task a small rank underfits: chains of m = 1, 2, 3 links at the
                  same step budget (m = 1 is plain LoRA)
     composition  scenario B: K single-task LoRAs, composed by sum, NLA and MoLE (with and without L_bal)
@@ -34,9 +37,10 @@ from .editing import EditingConfig, run_editing
 from .jobs import Job, run_jobs
 from .tuning import load_tuning, settings_for
 
-__all__ = ["SIZES", "SCENARIOS", "suite_configs", "run_suite", "slim_routing_shares", "editing_headline"]
+__all__ = ["SIZES", "SCENARIOS", "suite_configs", "run_suite", "update_suite_doc", "slim_routing_shares",
+           "editing_headline"]
 
-SCENARIOS = ("continual", "chain", "composition", "editing")
+SCENARIOS = ("continual", "replay", "chain", "composition", "editing")
 
 # scenario A's rows: the methods, the parameter-matched LoRAs (lora-r34 ≈ moe_lora's 241,712 trainable
 # parameters, lora-r35 ≈ SLIM's 247,880; a test checks they are the nearest ranks), SLIM's ablation rows and
@@ -46,13 +50,18 @@ CONTINUAL_METHODS = ("lora", "er", "ilora", "cola", "moe_lora", "slim", "slim-no
 # the stability–plasticity frontier: every row but these also runs at its learning rate × each factor
 FRONTIER_FACTORS = (0.5, 1.0, 2.0)
 FRONTIER_SKIP = ("slim-spec",)  # a fixed reference point, not a method being compared
+# the replay study: the methods whose claim is about replay, at their scenario-A tuned settings, over more tasks
+REPLAY_METHODS = ("er", "ilora")
 
 SIZES = {
     # 3 tasks × 600 steps: Seq-LoRA learns each task to 98–100% and keeps 0% of it one task later
     "quick": {
         "continual": dict(tasks=("rev", "cap", "sft"), steps=600, n_test=100, eval_batches=2),
         "continual_methods": CONTINUAL_METHODS,
-        "chain": dict(task="srt", rank=1, steps=600, links=(1, 2, 3), n_test=100),
+        # five tasks: ER learns each (99%) and ends at 81% (tuning seed 100; docs/evidence.md, "The replay study")
+        "replay": dict(tasks=("rot", "srt", "rev", "cap", "sft"), steps=600, n_test=100, eval_batches=2),
+        "replay_buffer": 200,
+        "chain": dict(task="srt", rank=1, steps=800, links=(1, 2, 3), n_test=100),
         "composition": dict(tasks=("rev", "cap", "sft"), source_steps=600, mole_steps=200, n_test=100,
                             eval_batches=2),
         "editing": dict(stream_lengths=(10, 50)),
@@ -61,6 +70,8 @@ SIZES = {
     "full": {
         "continual": dict(),
         "continual_methods": CONTINUAL_METHODS,
+        "replay": dict(tasks=("rot", "srt", "rev", "cap", "sft", "bck", "dup")),
+        "replay_buffer": 200,
         "chain": dict(task="srt", rank=1, steps=800, links=(1, 2, 3), n_test=200),
         "composition": dict(),
         "editing": dict(stream_lengths=(10, 50, 100)),
@@ -71,6 +82,9 @@ SIZES = {
                           fact_recall=False),
         "continual_methods": CONTINUAL_METHODS,
         "frontier_factors": (0.5, 1.0),
+        "replay": dict(tasks=("rev", "cap"), steps=6, n_train=64, n_test=8, eval_batches=1, eval_batch_size=4,
+                       fact_recall=False),
+        "replay_buffer": 4,
         "chain": dict(task="sft", rank=1, steps=6, links=(1, 2, 3), n_test=8, n_train=64),
         "composition": dict(tasks=("rev", "cap"), source_steps=6, mole_steps=4, n_train=64, n_test=8,
                             eval_batches=1, eval_batch_size=4, fact_recall=False),
@@ -81,13 +95,15 @@ SIZES = {
 
 
 def suite_configs(size: str) -> dict:
-    """The configs of one size: {"continual": ContinualConfig, "continual_methods": [...], "chain": dict,
+    """The configs of one size: {"continual": ContinualConfig, "continual_methods": [...], "replay": ContinualConfig,
+    "replay_buffer": int, "chain": dict,
     "composition": CompositionConfig, "editing": EditingConfig}."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     s = SIZES[size]
     chain = {"n_train": 2000, "batch_size": 16, "lr": 4e-3, **s["chain"]}
     return {"continual": ContinualConfig(**s["continual"]), "continual_methods": list(s["continual_methods"]),
+            "replay": ContinualConfig(**s["replay"]), "replay_buffer": s["replay_buffer"],
             "frontier_factors": tuple(s.get("frontier_factors", FRONTIER_FACTORS)), "chain": chain, "composition": CompositionConfig(**s["composition"]),
             "editing": EditingConfig(**s["editing"])}
 
@@ -231,7 +247,7 @@ def _frontier_doc(results: dict, methods: list[str], factors, seeds: list[int], 
     for m in methods:
         fs = [f for f in factors if _continual_label(m, f, seeds[0]) in results]
         points[m] = [[_point(lr_of[m] * f, results[_continual_label(m, f, seed)]) for f in fs] for seed in seeds]
-    return {"factors": list(factors), "seeds": seeds, "lr": lr_of, "points": points,
+    return {"factors": list(factors), "seeds": seeds, "lr": {m: lr_of[m] for m in methods}, "points": points,
             "learned": "mean accuracy on each task right after training on it",
             "kept": "top-1 agreement with the base model on held-out pydoc text after the last task"}
 
@@ -258,7 +274,8 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         build_method(name, configs["continual"])
     slim_like = [m for m in continual_methods if m in SLIM_ABLATIONS and m != "moe_lora"]  # SLIM and its rows
     tuning = load_tuning(size)
-    settings = {m: settings_for(m, tuning) for m in continual_methods}  # (lr or None, overrides, source)
+    settings = {m: settings_for(m, tuning) for m in dict.fromkeys(continual_methods + list(REPLAY_METHODS))}
+    # (lr or None, overrides, source)
     overrides = {m: o for m, (_, o, _) in settings.items() if o}
     lr_of = {m: lr or configs["continual"].lr for m, (lr, _, _) in settings.items()}
     factors = configs["frontier_factors"] if frontier else (1.0,)
@@ -276,12 +293,16 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
                  (m, configs["continual"], seed, overrides.get(m), m in slim_like and f == 1.0, inline, lr_of[m] * f))
              for seed in seeds for m in continual_methods for f in factors
              if "continual" in scenarios and (f == 1.0 or m not in FRONTIER_SKIP)]
+    replay_overrides = {m: {**overrides.get(m, {}), "buffer_size": configs["replay_buffer"]} for m in REPLAY_METHODS}
+    jobs += [Job(f"replay {m} seed {seed}", continual_job,
+                 (m, configs["replay"], seed, replay_overrides[m], False, inline, lr_of[m]))
+             for seed in seeds for m in REPLAY_METHODS if "replay" in scenarios]
     jobs += [Job(f"editing seed {seed}", editing_job, (configs["editing"], seed, inline))
              for seed in seeds if "editing" in scenarios]
     jobs += [Job(f"chain m={m} seed {seed}", chain_job, (chain, m, seed, inline))
              for seed in seeds for m in chain["links"] if "chain" in scenarios]
     if workers > 1:
-        jobs.sort(key=lambda j: j.label.startswith(("composition", "continual")), reverse=True)  # stable
+        jobs.sort(key=lambda j: j.label.startswith(("composition", "continual", "replay")), reverse=True)  # stable
     log(f"{len(jobs)} runs on {min(workers, len(jobs))} worker(s)")
     t_suite = time.perf_counter()
     results, seconds, used = run_jobs(jobs, base_model, workers, log, progress)
@@ -294,12 +315,16 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
             doc["timings"][scenario] = sum(v for k, v in seconds.items() if k.startswith(scenario))
     if "continual" in scenarios:
         doc["method_settings"] = {m: {"lr": lr_of[m], "overrides": o, "source": src}
-                                  for m, (_, o, src) in settings.items()}
+                                  for m, (_, o, src) in settings.items() if m in continual_methods}
         doc["tuning"] = tuning
         per_method = {m: [results[_continual_label(m, 1.0, seed)] for seed in seeds] for m in continual_methods}
         doc["continual"] = methods_doc(configs["continual"], seeds, overrides, per_method)
         doc["frontier"] = _frontier_doc(results, continual_methods, factors, seeds, lr_of)
         doc["slim_routing"] = {m: _routing_mean([r["diagnostics"] for r in per_method[m]]) for m in slim_like}
+    if "replay" in scenarios:
+        per_method = {m: [results[f"replay {m} seed {seed}"] for seed in seeds] for m in REPLAY_METHODS}
+        doc["replay"] = {**methods_doc(configs["replay"], seeds, replay_overrides, per_method),
+                         "buffer_size": configs["replay_buffer"], "lr": {m: lr_of[m] for m in REPLAY_METHODS}}
     if "chain" in scenarios:
         rows = {}
         for m in chain["links"]:
@@ -315,3 +340,32 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         doc["editing"] = {"config": configs["editing"].to_dict(), "runs": runs, "summary": _editing_summary(runs)}
     doc["timings"]["total (wall)"] = time.perf_counter() - t_suite
     return jsonable(doc)
+
+
+# the document keys each scenario writes (run_suite), which update_suite_doc replaces together
+SCENARIO_KEYS = {"continual": ("continual", "method_settings", "tuning", "frontier", "slim_routing"),
+                 "replay": ("replay",), "chain": ("chain",), "composition": ("composition",), "editing": ("editing",)}
+
+
+def update_suite_doc(old: dict, new: dict) -> dict:
+    """`old` (a report's document) with the scenarios that `new` ran replaced by new's, at the same size and
+    seeds: re-run one scenario after changing it, without re-running the others. The claims and plots are
+    dropped (write_report makes them again), and ``updates`` records what was re-run, by which command."""
+    for key in ("size", "seeds"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"cannot update a report of {key} {old.get(key)!r} with a run of {key} {new.get(key)!r}; "
+                             f"run the same --size and seeds as the report")
+    doc = {k: v for k, v in old.items() if k not in ("claims", "plots")}
+    for scenario in new["scenarios"]:
+        for key in SCENARIO_KEYS[scenario]:
+            doc.pop(key, None)
+            if key in new:
+                doc[key] = new[key]
+        doc["timings"] = {**doc["timings"], scenario: new["timings"][scenario]}
+        doc["run_seconds"] = {**{k: v for k, v in doc["run_seconds"].items() if not k.startswith(scenario + " ")},
+                              **{k: v for k, v in new["run_seconds"].items() if k.startswith(scenario + " ")}}
+    doc["scenarios"] = [s for s in SCENARIOS if s in old["scenarios"] or s in new["scenarios"]]
+    doc["updates"] = list(old.get("updates", [])) + [
+        {"scenarios": new["scenarios"], "command": new.get("command"), "created": new.get("created"),
+         "wall_s": new["timings"]["total (wall)"], "workers": new.get("workers"), "backend": new.get("backend")}]
+    return doc
