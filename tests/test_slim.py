@@ -353,6 +353,58 @@ def test_8b_masks_per_expert_per_layer_once_per_step_from_the_mask_stream():
         assert method.streams["mask"].bit_generator.state == state and "eval_mask" not in method.streams.used()
 
 
+@pytest.mark.parametrize("split", ["rows", "columns"])
+def test_8c_mask_split_drops_one_side_only_and_keeps_the_expectation(split):
+    p = 0.3
+    assert drop_probabilities(p, split) == ((p, 0.0) if split == "rows" else (0.0, p))
+    assert drop_probabilities(p, "both") == drop_probabilities(p)
+    layer, rng = lone_layer(D=6, O=5, seed=4, n_identity_experts=0, n_lora_experts=2, top_k=2, drop_p=p,
+                            mask_split=split)
+    x = rng.standard_normal((4, 6))
+    layer.draw_masks()
+    kept, dropped = (layer.in_mask, layer.out_mask) if split == "rows" else (layer.out_mask, layer.in_mask)
+    assert kept.all() and not dropped.all()  # one side is never dropped; the other is
+    layer.eval()
+    expected = layer.adapter_delta(Tensor(x)).data  # (1 − p)·unmasked
+    layer.train()
+    n, total = 4000, 0.0
+    for _ in range(n):
+        layer.draw_masks()
+        total = total + layer.adapter_delta(Tensor(x)).data
+    err = np.abs(total / n - expected).max() / np.abs(expected).max()
+    assert err < 0.05, f"Monte-Carlo mean off by {err:.3f} of the delta's scale"
+
+
+def test_8d_update_masks_leave_the_forward_unmasked_and_freeze_the_masked_factor_entries_for_the_step():
+    x, y, mask = random_batch(np.random.default_rng(0), F64, 2, 5)
+    method, model = slim_model(F64, 1, drop_p=0.5, mask_mode="update", gamma=0.0)
+    randomize_B(method, 1)
+    twin, _ = slim_model(F64, 1, drop_p=0.0, gamma=0.0)
+    randomize_B(twin, 1)
+    # the forward pass is the unmasked one, in training (c = 1) and at evaluation (c = 1, no masks)
+    loss = method.loss(x, y, mask)
+    np.testing.assert_allclose(loss.item(), twin.loss(x, y, mask).item(), rtol=1e-12)
+    with method.evaluating() as m, twin.evaluating() as t:
+        np.testing.assert_array_equal(m(x)[0].data, t(x)[0].data)
+    # the masks come from the `mask` stream exactly as in "forward" mode
+    forward, _ = slim_model(F64, 1, drop_p=0.5, gamma=0.0)
+    forward.loss(x, y, mask)
+    for a, b in zip(method.layers(), forward.layers()):
+        np.testing.assert_array_equal(a.in_mask, b.in_mask)
+        np.testing.assert_array_equal(a.out_mask, b.out_mask)
+    # one Adam step: a masked column of A_e and a masked row of B_e keep their values, the others move
+    before = [(layer.lora_A.data.copy(), layer.lora_B.data.copy()) for layer in method.layers()]
+    losses, _ = run_tasks(method, [[(x, y, mask)]], lr=1e-2)
+    layer = method.layers()[0]
+    for layer, (A0, B0) in zip(method.layers(), before):
+        drop_in, drop_out = layer.in_mask == 0, layer.out_mask == 0
+        assert drop_in.any() and drop_out.any() and (~drop_in).any()
+        np.testing.assert_array_equal(layer.lora_A.data.transpose(0, 2, 1)[drop_in], A0.transpose(0, 2, 1)[drop_in])
+        np.testing.assert_array_equal(layer.lora_B.data[drop_out], B0[drop_out])
+        assert np.all(np.any(layer.lora_A.data.transpose(0, 2, 1)[~drop_in] != A0.transpose(0, 2, 1)[~drop_in],
+                             axis=-1))
+
+
 def test_9_clusters_seeding_eval_freeze_momentum_zero_floor_and_empty_clusters():
     x, y, mask = random_batch(np.random.default_rng(0), F64, 3, 5)
     x[0, 3:] = 0  # padding: left out of the statistics
@@ -509,6 +561,10 @@ def test_config_errors_say_what_was_expected():
         SlimConfig(drop_p=1.0)
     with pytest.raises(ValueError, match="n_identity_experts"):
         SlimConfig(n_identity_experts=-1)
+    with pytest.raises(ValueError, match="mask_split"):
+        SlimConfig(mask_split="diagonal")
+    with pytest.raises(ValueError, match="mask_mode"):
+        SlimConfig(mask_mode="gradient")
     assert SlimConfig().scale == 2.0 and SlimConfig().target_modules == ["mlp.c_fc", "mlp.c_proj"]
     layer, _ = lone_layer()
     with pytest.raises(NotImplementedError, match="cannot be merged"):

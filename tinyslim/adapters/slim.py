@@ -92,6 +92,8 @@ class SlimConfig:
     sigma_floor: float = 1e-3  # σ_min
     cluster_init: str = "first_batch"  # or "random"
     drop_p: float = 0.3  # p; p_r = p_c = 1 − √(1 − p)
+    mask_mode: str = "forward"  # "forward": masks on the delta in training (§2.3); "update": on each step's change
+    mask_split: str = "both"  # which side p drops: "both" (p_r = p_c above), "rows" (p_r = p, p_c = 0), "columns"
     mask_rescale: bool = False  # DARE's 1/(1 − p) in training, c = 1 at evaluation
     eval_masks: str = "expected"  # or "sampled"
     l1_coef: float = 1e-3  # λ_L1
@@ -102,7 +104,8 @@ class SlimConfig:
         name = type(self).__name__
         choices = dict(router=("linear", "residual_mlp"), yield_mode=("additive", "multiplicative"),
                        logit_norm=("none", "layernorm"), cluster_init=("first_batch", "random"),
-                       eval_masks=("expected", "sampled"))
+                       eval_masks=("expected", "sampled"), mask_split=("both", "rows", "columns"),
+                       mask_mode=("forward", "update"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{name}.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -134,8 +137,14 @@ class SlimConfig:
         return SlimLinear(base_layer, self, streams)
 
 
-def drop_probabilities(p: float) -> tuple:
-    """(p_r, p_c) = (1 − √(1 − p),) · 2: an entry of ΔW survives with probability (1 − p_r)(1 − p_c) = 1 − p."""
+def drop_probabilities(p: float, split: str = "both") -> tuple:
+    """(p_r, p_c): an entry of ΔW survives with probability (1 − p_r)(1 − p_c) = 1 − p. "both":
+    p_r = p_c = 1 − √(1 − p); "rows": output rows of B only (p_r = p, p_c = 0); "columns": input columns
+    of A only (p_r = 0, p_c = p)."""
+    if split == "rows":
+        return p, 0.0
+    if split == "columns":
+        return 0.0, p
     q = 1.0 - math.sqrt(1.0 - p)
     return q, q
 
@@ -263,7 +272,7 @@ class SlimLinear(AdaptedLinear):
         self.out_mask, self.in_mask = self._draw(self.streams["mask"]) if self.config.drop_p else (None, None)
 
     def _draw(self, rng):
-        p_r, p_c = drop_probabilities(self.config.drop_p)
+        p_r, p_c = drop_probabilities(self.config.drop_p, self.config.mask_split)
         dtype = self.lora_A.dtype
         out_mask = (rng.random((self.E_L, self.out_features)) >= p_r).astype(dtype)  # keep with prob. 1 − p_r
         in_mask = (rng.random((self.E_L, self.in_features)) >= p_c).astype(dtype)
@@ -272,7 +281,7 @@ class SlimLinear(AdaptedLinear):
     def delta_masks(self) -> tuple:
         """(in_mask, out_mask, c) for this forward (training, or evaluation with eval_masks)."""
         cfg, p = self.config, self.config.drop_p
-        if p == 0:
+        if p == 0 or cfg.mask_mode == "update":  # "update": the forward pass is never masked, c = 1
             return None, None, 1.0
         if self.training:
             if self.in_mask is None:  # not drawn yet (the Method draws once per step; direct use draws here)
@@ -374,6 +383,8 @@ class SLIM(Method):
         cfg, layers = self.config, self.layers()
         for layer in layers:
             layer.draw_masks()  # 1. this step's masks (the `mask` stream)
+        if cfg.mask_mode == "update" and cfg.drop_p:  # the factors before this step, to drop the masked changes
+            self._before_step = [(layer.lora_A.data.copy(), layer.lora_B.data.copy()) for layer in layers]
         with token_context(layers, token_mask=self.real_tokens(x)):
             _, loss = self.model(x, y, loss_mask=mask, rng=rng)  # 2. (seeds the clusters on the first batch)
         if cfg.l1_coef:
@@ -383,7 +394,13 @@ class SLIM(Method):
         return loss
 
     def after_step(self, step: int, optimizer) -> None:
-        for layer in self.layers():
+        before, self._before_step = getattr(self, "_before_step", None), None
+        for k, layer in enumerate(self.layers()):
+            if before is not None:  # mask_mode "update": a masked column of A_e / row of B_e keeps its old value
+                A0, B0 = before[k]
+                keep_in, keep_out = layer.in_mask[:, None, :] > 0, layer.out_mask[:, :, None] > 0
+                layer.lora_A.data[...] = np.where(keep_in, layer.lora_A.data, A0)
+                layer.lora_B.data[...] = np.where(keep_out, layer.lora_B.data, B0)
             layer.update_clusters()  # 5. with the inputs cached by this step's forward
 
     def state_dict(self) -> tuple[dict, dict]:
