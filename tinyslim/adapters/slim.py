@@ -43,7 +43,10 @@ Variants (config values): yield_mode="multiplicative" (top-K from ℓ, then w_e 
 on 𝓛, not renormalised); logit_norm="layernorm" (ℓ normalised before yielding); router="residual_mlp"
 (x + GELU(x W1ᵀ + b1) W2ᵀ, W2 = 0 at init, then the linear gate); cluster_init="random" (Gaussian
 centres around the first batch's mean); eval_masks="sampled" (the `eval_mask` stream, so evaluation
-never shifts the training masks).
+never shifts the training masks); mask_split="rows" / "columns" (p on one side only: p_r = p or p_c = p);
+mask_mode="update" (the same masks drop each step's change to the factors, not the forward delta: the
+forward pass and evaluation are unmasked with c = 1, and after the optimizer step a dropped column of A_e
+or row of B_e gets its value before the step back).
 
 The MixLoRA-style baseline (moe_lora.py) is this file with E_I = 0, p = 0, λ_L1 = 0. Ablations as
 config overrides: ``ABLATIONS`` below (the §7.3 ladder and the three "SLIM without X" rows).
