@@ -1,10 +1,18 @@
-"""One training step (forward + backward + AdamW) of tinyslim's GPT against the same model in plain
-torch on the CPU, with the same thread count, in one process, on the same batch.
+"""One training step (forward + backward + optimizer) of tinyslim against the same model in plain torch
+on the CPU, with the same thread count, in one process, on the same batch.
 
-    python -m tinyslim bench train-step [--batch-size 32] [--steps 20] [--threads 2] [--json out.json]
+    python -m tinyslim bench train-step [--part all|pretraining|scenario-a] [--steps 20] [--threads 2]
+                                        [--json out.json]
 
-Prints tokens/s for both, the ratio (> 1 means tinyslim is faster), and where tinyslim's time goes
-(per op, forward and backward), measured by timing every Function during a few extra steps.
+Two parts:
+  pretraining   the whole GPT (batch 32 × 128, AdamW on every weight) against TorchGPT: tokens/s for
+                both, the ratio (> 1 means tinyslim is faster), and where tinyslim's time goes (per op,
+                forward and backward), measured by timing every Function during a few extra steps;
+  scenario A    the steps the experiments take: batch 16 × 13, scenario A's adapters on the frozen GPT
+                (rank 8, α 16, on attn.c_attn, mlp.c_fc, mlp.c_proj), Adam, gradient clipping at 1. A
+                LoRA step and a SLIM step (top-2 of 4 LoRA + 2 identity experts, masks, L1), each against
+                a torch twin doing the same step in float32 (tests/torch_adapters.py; SLIM's with its
+                routing written in batched torch ops), the two timed in alternation; the ratio.
 """
 from __future__ import annotations
 
@@ -68,34 +76,31 @@ def _op_profile(step, n: int = 3):
     return {k: v / n for k, v in totals.items()}, wall
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m tinyslim bench train-step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="BLAS / torch threads (both)")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from blas_env import reexec_if_needed
-    reexec_if_needed(__file__, argv, threads=args.threads)  # BLAS reads its thread count at import
+SCENARIO_A = dict(batch=16, T=13, r=8, lora_alpha=16.0, lr=4e-3, grad_clip=1.0,
+                  target_modules=["attn.c_attn", "mlp.c_fc", "mlp.c_proj"])
 
-    import numpy as np
-    try:
-        import torch
-    except ImportError:
-        print("torch is not installed: the baseline needs it (make test installs it)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT / "tests"))
+
+def _alternating(steps: dict, warmup: int, n: int) -> dict:
+    """{name: step}: every step `warmup` times, then n rounds that run each once (same load for all)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def pretraining(args, np, torch) -> dict:
+    """The whole GPT, batch × block tokens, AdamW on every weight: tinyslim against TorchGPT."""
     from torch_gpt import TorchGPT, load_tinyslim_state  # the independent torch twin used by the tests
 
     from tinyslim import GPT, GPTConfig
     from tinyslim.optim import AdamW
 
-    torch.set_num_threads(args.threads)
     config = GPTConfig(block_size=args.block_size)
     model = GPT(config)
     twin = load_tinyslim_state(TorchGPT.like(config), model.state_dict()).float()  # float32, as tinyslim
@@ -129,11 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch_size * args.block_size
     ours, theirs = _percentiles(t_ours), _percentiles(t_torch)
     ratio = theirs["median_s"] / ours["median_s"]
-    print(f"training step: GPT {config.n_layer} layers, d {config.n_embd}, {config.n_head} heads, context "
+    print(f"pretraining step: GPT {config.n_layer} layers, d {config.n_embd}, {config.n_head} heads, context "
           f"{args.block_size}, batch {args.batch_size} ({model.num_parameters():,} parameters), float32, AdamW")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; threads: BLAS/OMP "
-          f"{os.environ.get('OPENBLAS_NUM_THREADS')}, torch {torch.get_num_threads()}; numpy {np.__version__}, "
-          f"torch {torch.__version__}")
     print(f"max |logit difference| between the two models on the batch: {diff:.2e} (float32)")
     print(f"{'':10s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} {'tokens/s':>10s}")
     for name, t in (("tinyslim", ours), ("torch", theirs)):
@@ -143,9 +145,178 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwhere tinyslim's {wall * 1e3:.0f} ms go (per step, ops only; the rest is Python glue and AdamW):")
     for (op, phase), secs in sorted(profile.items(), key=lambda kv: -kv[1])[:14]:
         print(f"  {op:22s} {phase:8s} {secs * 1e3:7.1f} ms  {secs / wall:5.1%}")
-    result = {"tinyslim": ours, "torch": theirs, "ratio_torch_over_tinyslim": ratio, "tokens_per_step": tokens,
-              "threads": args.threads, "max_logit_diff": diff,
-              "profile_ms": {f"{op}.{phase}": s * 1e3 for (op, phase), s in profile.items()}}
+    return {"tinyslim": ours, "torch": theirs, "ratio_torch_over_tinyslim": ratio, "tokens_per_step": tokens,
+            "max_logit_diff": diff, "profile_ms": {f"{op}.{phase}": s * 1e3 for (op, phase), s in profile.items()}}
+
+
+def _fast_slim_twin(np, torch):
+    """TorchSlimLinear (the tests' readable oracle) in float32 with its per-token Python loops batched:
+    the same maths, as a torch user would write it for speed."""
+    import torch.nn.functional as TF
+    from torch_adapters import TorchSlimLinear
+
+    class FastTorchSlimLinear(TorchSlimLinear):
+        def draw_masks(self, rng=None):
+            super().draw_masks(rng)
+            if self.m_in is not None:
+                self.m_in, self.m_out = self.m_in.float(), self.m_out.float()
+
+        def forward(self, x):  # x (B, T, D); training mode, additive yielding, linear router, no logit norm
+            cfg, lead = self.cfg, x.shape[:-1]
+            X = x.reshape(-1, x.shape[-1])
+            real = np.ones(X.shape[0], bool) if self.token_mask is None else np.asarray(self.token_mask, bool).ravel()
+            Xn = X.detach()
+            if not np.any(self.sigma > 0):  # seed the clusters on the first batch, as the oracle does
+                R = Xn.numpy()[real].astype(np.float64)
+                self.mu = R[self.cluster_rng.choice(len(R), size=len(self.mu), replace=len(R) < len(self.mu))].copy()
+                self.sigma = np.broadcast_to(np.maximum(R.std(axis=0), cfg["floor"]), self.mu.shape).copy()
+            mu, sigma = torch.from_numpy(self.mu).float(), torch.from_numpy(self.sigma).float()
+            k_star = torch.cdist(Xn, mu).argmin(dim=1)  # nearest centre
+            d = ((Xn - mu[k_star]).abs() / sigma[k_star]).amax(dim=1) - 1  # largest standardised deviation
+            logits = X @ self.W.T + self.b  # (N, E)
+            E_L, E = self.A.shape[0], logits.shape[1]
+            logits = logits + cfg["gamma"] * d[:, None] * (torch.arange(E) >= E_L).float()[None, :]
+            vals, idx = torch.topk(logits, cfg["K"], dim=1)
+            G = torch.zeros_like(logits).scatter(1, idx, torch.softmax(vals, dim=1))  # (N, E)
+            p = cfg["p"]
+            if p and self.m_in is None:
+                self.draw_masks()
+            c = 1 / (1 - p) if (p and cfg["rescale"]) else 1.0
+            delta = 0
+            for e in range(E_L):
+                xe = X if self.m_in is None else X * self.m_in[e]
+                ue = (xe @ self.A[e].T) @ self.B[e].T
+                delta = delta + G[:, e:e + 1] * (cfg["s"] * c) * (ue if self.m_out is None else ue * self.m_out[e])
+            self.cache = (Xn.numpy()[real].astype(np.float64), k_star.numpy()[real])
+            n = max(real.sum(), 1)
+            f = torch.bincount(idx[torch.from_numpy(real)].reshape(-1), minlength=E)[:E_L].float() / (n * cfg["K"])
+            P = TF.softmax(logits, dim=1)[torch.from_numpy(real)].sum(0) / n
+            self.bal = E_L * (f * P[:E_L]).sum()
+            return self.base(x) + delta.reshape(*lead, -1)
+
+    return FastTorchSlimLinear
+
+
+def scenario_a(args, np, torch) -> dict:
+    """Scenario A's LoRA and SLIM steps (batch 16 × 13) against their torch twins, alternating."""
+    from torch_adapters import add_lora, forward_hidden, masked_ce, replace_linears, slim_loss, twin_gpt
+
+    from tinyslim import kernels
+    from tinyslim.adapters import adapter_state_dict, make_method, stream
+    from tinyslim.optim import AdamW, clip_grad_norm_
+    from tinyslim.pretrained import load_base
+
+    cfg = SCENARIO_A
+    base = load_base(progress=False, log=lambda *a, **k: None)
+    base_state = base.state_dict()
+    rng = np.random.default_rng(0)
+    V = base.config.vocab_size
+    x, y = rng.integers(1, V, (cfg["batch"], cfg["T"])), rng.integers(1, V, (cfg["batch"], cfg["T"]))
+    mask = np.ones((cfg["batch"], cfg["T"]))
+    print(f"\nscenario A steps: batch {cfg['batch']} × {cfg['T']} tokens, adapters rank {cfg['r']} (α {cfg['lora_alpha']:g})"
+          f" on {', '.join(cfg['target_modules'])}, Adam (AdamW, no decay), grad clip {cfg['grad_clip']}; kernel backend "
+          f"{kernels.get_backend()}, up to {kernels.get_num_threads()} kernel threads, torch {torch.get_num_threads()}")
+    print(f"{'step':10s} {'tinyslim ms':>12s} {'torch ms':>9s} {'ratio':>6s}  (median of {args.steps} alternating steps;"
+          " ratio = torch / tinyslim, > 1: tinyslim faster)   loss tinyslim / torch at step 1")
+    out = {}
+    for name in ("lora", "slim"):
+        model = type(base)(base.config)
+        model.load_state_dict(base_state)
+        method = make_method(name, r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
+        method.attach(model, 0)
+        for layer in method.layers():  # B = 0 at init: give every factor a gradient, as after a few steps
+            layer.lora_B.data[...] = 0.01 * rng.standard_normal(layer.lora_B.shape)
+        state = adapter_state_dict(model)
+        twin = twin_gpt(base.config, base_state)
+        if name == "lora":
+            layers = add_lora(twin, {n: (state[f"{n}.lora_A"], state[f"{n}.lora_B"]) for n in method.adapted},
+                              method.config.scale)
+            twin_loss = lambda: masked_ce(forward_hidden(twin, x)[0], y, mask)  # noqa: E731
+        else:
+            c = method.config
+            tcfg = dict(E_L=c.n_lora_experts, E_I=c.n_identity_experts, K=c.top_k, s=c.scale, gamma=c.gamma,
+                        yield_mode=c.yield_mode, logit_norm=c.logit_norm, p=c.drop_p, rescale=c.mask_rescale,
+                        eval_masks=c.eval_masks, momentum=c.cluster_momentum, floor=c.sigma_floor,
+                        cluster_init=c.cluster_init, mlp=c.router == "residual_mlp")
+            assert (c.yield_mode, c.logit_norm, c.router, c.cluster_init) == ("additive", "none", "linear", "first_batch")
+            Fast = _fast_slim_twin(np, torch)
+            streams = stream(0, "mask"), stream(0, "cluster"), stream(0, "eval_mask")
+            layers = replace_linears(twin, {n: (lambda b, n=n: Fast(b, {k.rpartition(".")[2]: v for k, v in state.items()
+                                                                        if k.rpartition(".")[0] == n}, tcfg, *streams))
+                                            for n in method.adapted})
+            twin_loss = lambda: slim_loss(twin, layers, x, y, mask, c.l1_coef, c.balance_coef, c.pad_token_id)  # noqa: E731
+        twin.float()
+        params = method.trainable_parameters()
+        opt = AdamW(params, lr=cfg["lr"], weight_decay=0.0)  # Adam
+        tparams = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
+        topt = torch.optim.Adam(tparams, lr=cfg["lr"], foreach=True)
+        losses = {}
+
+        def step_tinyslim():
+            loss = method.loss(x, y, mask)
+            opt.zero_grad()
+            loss.backward()
+            clip_grad_norm_(params, cfg["grad_clip"])
+            opt.step()
+            method.after_step(0, opt)
+            losses.setdefault("tinyslim", loss.item())
+
+        def step_torch():
+            loss = twin_loss()
+            topt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tparams, cfg["grad_clip"])
+            topt.step()
+            for layer in layers.values():
+                if hasattr(layer, "update_clusters"):
+                    layer.update_clusters()
+            losses.setdefault("torch", loss.item())
+
+        times = _alternating({"tinyslim": step_tinyslim, "torch": step_torch}, args.warmup, args.steps)
+        ours, theirs = _percentiles(times["tinyslim"]), _percentiles(times["torch"])
+        ratio = theirs["median_s"] / ours["median_s"]
+        print(f"{name:10s} {ours['median_s'] * 1e3:12.2f} {theirs['median_s'] * 1e3:9.2f} {ratio:6.2f}  "
+              f"(p10 {ours['p10_s'] * 1e3:.2f} / {theirs['p10_s'] * 1e3:.2f} ms)   "
+              f"{losses['tinyslim']:.5f} / {losses['torch']:.5f}")
+        out[name] = {"tinyslim": ours, "torch": theirs, "ratio_torch_over_tinyslim": ratio, "first_loss": losses}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m tinyslim bench train-step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "pretraining", "scenario-a"), default="all",
+                        help="which steps to time (default: both parts)")
+    parser.add_argument("--batch-size", type=int, default=32, help="pretraining part: sequences per batch")
+    parser.add_argument("--block-size", type=int, default=128, help="pretraining part: tokens per sequence")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="BLAS / torch threads (both)")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from blas_env import reexec_if_needed
+    reexec_if_needed(__file__, argv, threads=args.threads)  # BLAS reads its thread count at import
+
+    import numpy as np
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: the baseline needs it (make test installs it)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT / "tests"))
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; threads: BLAS/OMP {os.environ.get('OPENBLAS_NUM_THREADS')}, "
+          f"torch {torch.get_num_threads()}; numpy {np.__version__}, torch {torch.__version__}")
+    result = {"threads": args.threads, "load_average_start": os.getloadavg()}
+    if args.part in ("all", "pretraining"):
+        result["pretraining"] = pretraining(args, np, torch)
+    if args.part in ("all", "scenario-a"):
+        result["scenario_a"] = scenario_a(args, np, torch)
+    result["load_average_end"] = os.getloadavg()
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average_end'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"results written to {args.json}")

@@ -24,7 +24,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HEADER = os.path.join(HERE, "lowrank.h")
-SOURCE = os.path.join(HERE, "lowrank_cpu.c")
+SOURCES = [os.path.join(HERE, name) for name in ("lowrank_cpu.c", "lowrank_cpu_f32.c", "lowrank_cpu_f64.c")]
+KERNELS = [os.path.join(HERE, name) for name in ("lowrank_v1.h", "lowrank_v2.h")]  # included by the f32 / f64 files
 MODULE = "tinyslim.kernels._lowrank_cpu"
 
 _HELLO = "int main(void) { return 0; }\n"
@@ -115,9 +116,9 @@ def make_builder() -> FFI:
     ffi.set_source(
         MODULE,
         '#include "lowrank.h"\n',
-        sources=[_rel(SOURCE)],
+        sources=[_rel(path) for path in SOURCES],
         include_dirs=[_rel(HERE)],
-        depends=[_rel(HEADER)],
+        depends=[_rel(path) for path in [HEADER] + KERNELS],
         extra_compile_args=found["cflags"],
         extra_link_args=found["ldflags"],
     )

@@ -20,7 +20,10 @@
  *
  * Outputs: y is overwritten (accumulate = 0) or added to (accumulate = 1; inactive rows untouched).
  * Backward outputs dx, dA, dB, dgate are overwritten; pass NULL for any that is not needed.
- * Return value: 0 on success, 1 when scratch memory could not be allocated.
+ * Return value: 0 on success, 1 when scratch memory could not be allocated, 2 for an unknown version.
+ *
+ * Versions (lowrank_cpu.c): tsl_forward_f32 & co. run the newest; tsl_forward_version_f32 & co. run
+ * version 1 … tsl_kernel_versions() (1 = plain loops, the readable reference; 2 on = optimised).
  */
 #ifndef TINYSLIM_LOWRANK_H
 #define TINYSLIM_LOWRANK_H
@@ -49,7 +52,29 @@ int tsl_backward_f64(int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int6
                      const double *in_mask, const double *out_mask, const double *dy,
                      double *dx, double *dA, double *dB, double *dgate);
 
-/* Threads: n <= 0 means "OpenMP's default" (OMP_NUM_THREADS or the core count). */
+int tsl_kernel_versions(void);
+int tsl_forward_version_f32(int version, int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K,
+                            const float *x, const float *A, const float *B,
+                            const int32_t *idx, const float *w, const float *scale,
+                            const float *in_mask, const float *out_mask,
+                            float *y, int accumulate);
+int tsl_forward_version_f64(int version, int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K,
+                            const double *x, const double *A, const double *B,
+                            const int32_t *idx, const double *w, const double *scale,
+                            const double *in_mask, const double *out_mask,
+                            double *y, int accumulate);
+int tsl_backward_version_f32(int version, int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K,
+                             const float *x, const float *A, const float *B,
+                             const int32_t *idx, const float *w, const float *scale,
+                             const float *in_mask, const float *out_mask, const float *dy,
+                             float *dx, float *dA, float *dB, float *dgate);
+int tsl_backward_version_f64(int version, int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K,
+                             const double *x, const double *A, const double *B,
+                             const int32_t *idx, const double *w, const double *scale,
+                             const double *in_mask, const double *out_mask, const double *dy,
+                             double *dx, double *dA, double *dB, double *dgate);
+
+/* Threads: the most a call may use (a small problem uses fewer, lowrank_v2.h); n <= 0 means "OpenMP's default" (OMP_NUM_THREADS or the core count). */
 void tsl_set_num_threads(int n);
 int tsl_get_num_threads(void);
 int tsl_has_openmp(void);

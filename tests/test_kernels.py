@@ -22,6 +22,9 @@ from tinyslim.kernels import reference
 from tinyslim.lowrank import mixture_lowrank
 
 HOST_BACKENDS = [name for name in ("numpy", "cpu") if kernels.available_backends()[name][0]]
+if "cpu" in HOST_BACKENDS:  # every numbered version of the C kernel, by name ("cpu" is the newest)
+    from tinyslim.kernels import cpu as _cpu
+    HOST_BACKENDS += [f"cpu.v{v}" for v in sorted(_cpu.VERSIONS) if v != _cpu.LATEST]
 CPU = pytest.mark.skipif(not kernels.available_backends()["cpu"][0],
                          reason=f"cpu backend: {kernels.available_backends()['cpu'][1]}")
 # example counts follow the loaded profile (HYPOTHESIS_PROFILE=ci|dev|thorough, see conftest.py)
@@ -551,6 +554,26 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv("TINYSLIM_BACKEND")
     lines = kernels.info_lines()
     assert all(isinstance(line, str) for line in lines) and any("OpenMP" in line for line in lines)
+
+
+@CPU
+def test_kernel_versions_by_name(monkeypatch):
+    """'cpu' runs the newest version, 'cpu.v1' … one by number (also through TINYSLIM_BACKEND); an unknown
+    version is a one-line error; v1 and the newest agree on a problem big enough to use threads."""
+    from tinyslim.kernels import cpu
+    assert cpu.LATEST == max(cpu.VERSIONS) == cpu.lib.tsl_kernel_versions() and 1 in cpu.VERSIONS
+    rng = np.random.default_rng(5)
+    x, A, B = rng.standard_normal((600, 40)), rng.standard_normal((3, 4, 40)), rng.standard_normal((3, 50, 4))
+    gates = make_gates(rng, "topk", 600, 3, np.float64)
+    want = kernels.forward(x, A, B, gates, 0.5, backend="numpy")
+    for v in cpu.VERSIONS:
+        check(f"v{v}", kernels.forward(x, A, B, gates, 0.5, backend=f"cpu.v{v}"), want, 1e-10)
+    monkeypatch.setenv("TINYSLIM_BACKEND", "cpu.v1")
+    check("TINYSLIM_BACKEND=cpu.v1", kernels.forward(x, A, B, gates, 0.5), want, 1e-10)
+    for bad in ("cpu.v0", f"cpu.v{cpu.LATEST + 1}", "cpu.vx", "numpy.v1"):
+        with pytest.raises(ValueError) as info:
+            kernels.forward(x, A, B, gates, 0.5, backend=bad)
+        assert "\n" not in str(info.value) and ("version" in str(info.value) or "unknown backend" in str(info.value))
 
 
 @CPU

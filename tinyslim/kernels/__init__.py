@@ -8,7 +8,8 @@ Shape legend: N tokens, D in, O out, r rank, E experts, k top-k.
     dx, dA, dB, dgate = backward(dy, x, A, B, gates, scale, in_mask, out_mask)
 
 Backends: "numpy" (reference.py, always there), "cpu" (the compiled C/OpenMP module), "cuda" (the
-CUDA library, for arrays on a GPU). ``TINYSLIM_BACKEND=numpy|cpu|cuda`` picks one; by default NumPy
+CUDA library, for arrays on a GPU). The cpu kernel comes in numbered versions (cpu.VERSIONS: v1 plain
+loops, v2 on optimised); "cpu" runs the newest, "cpu.v1", "cpu.v2" … a given one. ``TINYSLIM_BACKEND=numpy|cpu|cuda`` picks one; by default NumPy
 inputs go to "cpu" when it is built (else "numpy") and GPU arrays to "cuda". Both functions validate
 everything in Python first (problem.py): inputs are made C-contiguous (a copy when they are not),
 index arrays become int32, and mistakes raise ValueError / TypeError, never reach C.
@@ -53,7 +54,36 @@ _numpy = types.SimpleNamespace(name="numpy", available=True, reason="always avai
                                forward=_numpy_forward, backward=_numpy_backward)
 
 
+def _split(name: str):
+    """'cpu.v1' → ('cpu', 1); any other name → (name, None)."""
+    base, dot, version = name.partition(".v")
+    if not dot:
+        return name, None
+    if base != "cpu" or not version.isdigit():
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} (or cpu.v1, cpu.v2 … for "
+                         "one version of the cpu kernel)")
+    return base, int(version)
+
+
+_ENV = os.environ
+_MODULES: dict = {}  # name → backend module (or namespace): looked up on every call, so cached
+
+
 def _module(name: str):
+    mod = _MODULES.get(name)
+    if mod is None:
+        mod = _MODULES[name] = _load(name)
+    return mod
+
+
+def _load(name: str):
+    name, version = _split(name)
+    if version is not None:
+        from . import cpu
+        cpu._check_version(version)
+        return types.SimpleNamespace(name=f"cpu.v{version}", available=cpu.available, reason=cpu.reason,
+                                     forward=lambda p: cpu.forward(p, version=version),
+                                     backward=lambda p, dy, needs: cpu.backward(p, dy, needs, version=version))
     if name == "numpy":
         return _numpy
     if name == "cpu":
@@ -75,7 +105,7 @@ def get_backend(name: str | None = None, *, device: bool = False) -> str:
 
     Naming a backend that is unavailable raises RuntimeError with the reason.
     """
-    name = name or os.environ.get("TINYSLIM_BACKEND", "").strip().lower() or None
+    name = name or _ENV.get("TINYSLIM_BACKEND", "").strip().lower() or None
     if name is None:
         if device:
             name = "cuda"
@@ -97,6 +127,9 @@ def _backend_for(p: Problem, backend: str | None):
     return _module(name)
 
 
+_ALL = (True, True, True, True)
+
+
 def forward(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None, *, backend: str | None = None):
     """y (N, O) = Σ_e g[n,e] · s_e · B'_e A'_e x_n for one of the three gate forms.
 
@@ -110,7 +143,7 @@ def forward(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None, *, backend: 
 
 
 def backward(dy, x, A, B, gates, scale=1.0, in_mask=None, out_mask=None, *, backend: str | None = None,
-             needs=(True, True, True, True)):
+             needs=_ALL):
     """(dx, dA, dB, dgate) for the upstream gradient dy (N, O) of ``forward``.
 
     dx is the kernel's part only (the frozen W0ᵀ dy is added elsewhere). dgate has the shape of the
@@ -119,7 +152,8 @@ def backward(dy, x, A, B, gates, scale=1.0, in_mask=None, out_mask=None, *, back
     """
     p = prepare(x, A, B, gates, scale, in_mask, out_mask)
     dy = check_dy(p, dy)
-    needs = tuple(bool(n) for n in needs)
+    if needs is not _ALL:
+        needs = tuple(bool(n) for n in needs)
     if len(needs) != 4:
         raise ValueError(f"needs must be four bools (dx, dA, dB, dgate), got {len(needs)}")
     if p.empty and not p.device:

@@ -144,8 +144,15 @@ def _cast_input(name: str, obj, dtype, shape):
     return np.require(arr.astype(dtype, copy=False), requirements=["C", "A"])  # keeps 0-d as 0-d
 
 
+_ONE = np.uint32(1)
+
+
 def _index_input(name: str, obj, E: int, ndim: int):
     """An integer index array on the host as int32, every value in [−1, E−1]."""
+    if type(obj) is np.ndarray and obj.dtype == np.int32 and obj.ndim == ndim and obj.flags.c_contiguous:
+        # the common case, checked in one pass: −1 ≤ i ≤ E − 1  ⇔  (i + 1) as uint32 ≤ E (negatives wrap)
+        if obj.size == 0 or (obj.view(np.uint32) + _ONE).max() <= E:
+            return obj
     if is_device_array(obj):
         obj = DeviceArray(obj).to_host()
     if hasattr(obj, "numpy") and not isinstance(obj, np.ndarray):  # torch CPU tensor
@@ -174,6 +181,22 @@ def _has_duplicates(idx: np.ndarray) -> bool:
     return bool(np.any((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)))
 
 
+_SCALES: dict = {}
+
+
+def _full_scale(E: int, value: float, dtype) -> np.ndarray:
+    """(E,) filled with a scalar scale: a cached read-only array (built once per E, value, dtype)."""
+    key = (E, value, dtype)
+    s = _SCALES.get(key)
+    if s is None:
+        if len(_SCALES) > 256:
+            _SCALES.clear()
+        s = np.full(E, value, dtype=dtype)
+        s.flags.writeable = False
+        _SCALES[key] = s
+    return s
+
+
 def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
     """Validate one call of the op and return the normalised Problem (see module docstring)."""
     x = _float_input("x", x)
@@ -192,7 +215,10 @@ def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
                          f"({E}, O, {r}) with E, r taken from A")
     O = B.shape[1]
 
-    g = as_gates(gates)
+    if type(gates) is np.ndarray and gates.ndim == 1 and gates.dtype.kind in "iu":
+        g = IndexGates(gates)  # as_gates' answer, without its checks of the other spellings
+    else:
+        g = as_gates(gates)
     if isinstance(g, DenseGates):
         form, idx, w = "dense", None, _float_input("G", g.G, dtype=dtype)
         if _shape(w) != (N, E):
@@ -222,7 +248,7 @@ def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
         raise TypeError(f"unknown gates {g!r}")
 
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        s = np.full(E, scale, dtype=dtype)
+        s = _full_scale(E, float(scale), dtype)
     else:
         s = _cast_input("scale", scale, dtype, None)
     if s.ndim == 0:
