@@ -341,7 +341,10 @@ def torch_baselines(case: Case, d: dict, device="cpu") -> dict:
 def stats(ts):
     ts = np.asarray(ts)
     return dict(median=float(np.median(ts)), p10=float(np.percentile(ts, 10)), p90=float(np.percentile(ts, 90)),
-                runs=len(ts))
+                min=float(np.min(ts)), runs=len(ts))
+
+
+STAT = "median"  # the statistic rows and ratios use; --stat min on a loaded machine (the least disturbed call)
 
 
 def time_interleaved(calls: dict, runs: int, warmup: int, min_time=0.3) -> dict:
@@ -453,9 +456,9 @@ def rescore(row: dict, roofs: dict):
     case, times = Case(**row["case"]), row["times"]
     (ff, fb), (bf, bb) = flops_bytes(case)
     for direction, F, nbytes in (("fwd", ff, fb), ("bwd", bf, bb)):
-        t = times["ext"][direction]["median"]
+        t = times["ext"][direction][STAT]
         t_flop, t_mem = F / (roofs["peak_gflops"] * 1e9), nbytes / (roofs["bw_gbs"] * 1e9)
-        base = {n: times[n][direction]["median"] / t for n in times if n != "ext"}
+        base = {n: times[n][direction][STAT] / t for n in times if n != "ext"}
         row[direction] = dict(ms=t * 1e3, p10=times["ext"][direction]["p10"] * 1e3,
                               p90=times["ext"][direction]["p90"] * 1e3, gflops=F / t / 1e9, gbs=nbytes / t / 1e9,
                               bound="compute" if t_flop >= t_mem else "memory",
@@ -650,6 +653,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per path (≥ 20 for reported numbers)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default="", help="run only shapes whose name contains this text")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="the time each row and ratio uses (min: the fastest of the interleaved calls, for a busy "
+                             "machine)")
     parser.add_argument("--group", choices=("all", "workload", "standard"), default="all",
                         help="the workload group (the tiny GPT's own shapes), the standard sweep, or both")
     args = parser.parse_args(argv)
@@ -657,6 +663,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from blas_env import reexec_if_needed
     reexec_if_needed(__file__, sys.argv[1:] if argv is None else list(argv))  # fair NumPy baselines
 
+    global STAT
+    STAT = args.stat
     if args.device == "cuda":
         return run_gpu(args)
     ok, why = kernels.available_backends()["cpu"]
@@ -677,6 +685,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           + f"; extension threads {threads}; OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
             f"OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']} (NumPy's BLAS uses all cores unless set) "
             f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
+    print(f"times: the {STAT} of the interleaved calls (--stat)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (other processes share "
           "these cores: compare ratios, which are measured on the same data in the same process)")
     print(f"{env['ext_build']}")
@@ -702,14 +711,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             print_row(row, baselines)
             rows.append(row)
     end = cpu_roofs()
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"roofs measured again at the end: {end['peak_gflops']:.0f} GFLOP/s, {end['bw_gbs']:.1f} GB/s"
           + ("" if end["peak_gflops"] <= roofs["peak_gflops"] and end["bw_gbs"] <= roofs["bw_gbs"]
              else " (higher: the roofline columns above used the start values; the summary uses the best)"))
     best = {k: max(roofs[k], end[k]) for k in roofs}
-    if best != roofs:
+    extra = []
+    for _ in range(3):  # a roof measured while the machine was busier than during some row: measure again
         for row in rows:
             rescore(row, best)
-    roofs = dict(best, start=roofs, end=end)
+        if not any(row[d]["roof_pct"] > 100 for row in rows for d in ("fwd", "bwd")):
+            break
+        extra.append(cpu_roofs())
+        best = {k: max(best[k], extra[-1][k]) for k in best}
+        print(f"a row read above 100% of the roofline: roofs measured again: {extra[-1]['peak_gflops']:.0f} GFLOP/s, "
+              f"{extra[-1]['bw_gbs']:.1f} GB/s")
+    for row in rows:
+        rescore(row, best)
+    roofs = dict(best, start=roofs, end=end, extra=extra)
+    print(f"roofs used (the best measured): {best['peak_gflops']:.0f} GFLOP/s, {best['bw_gbs']:.1f} GB/s")
     summary = {group: summarise([r for r in rows if r["group"] == group], group) for group in groups}
     for group, summ in summary.items():
         print_summary(summ, f"{group} group, CPU extension, float32, threads: {thread_note}")
