@@ -9,8 +9,9 @@
 # only drifts towards the fast one by interpolation, so that it sits somewhere along that line.
 #
 # This tutorial (1) measures the loss along the line between two end-of-task LoRAs, (2) takes the
-# slow learner's update rule apart and checks its invariants numerically, and (3) races Seq-LoRA, ER
-# and I-LoRA (both learners) on two tasks with the scenario-A runner.
+# slow learner's update rule apart and checks its invariants numerically, (3) races Seq-LoRA, ER
+# and I-LoRA (both learners) on two tasks with the scenario-A runner, and (5) races ER and I-LoRA
+# where replay alone is not enough: five tasks through the same buffer.
 #
 # Run it: `python tutorials/05_ilora.py`. `TINYSLIM_FAST=1` trains for a few steps only.
 
@@ -262,9 +263,9 @@ for acc, bwt, R, _ in rows.values():
 # Whether the *slow learner* adds anything on top of replay is a different question. Section 2 says
 # why it may not: with λ = 0.99 the slow learner remembers about 100 steps, while a task lasts
 # hundreds, so by the end of every task it has caught up with the fast learner and both sit at the
-# same point of the line from section 1. The README's results at full size compare I-LoRA with ER
-# over 3 seeds of five tasks. Try `ema_lambda=0.999` (`--method-args ilora.ema_lambda=0.999`) to give
-# the slow learner a longer memory.
+# same point of the line from section 1; and on two tasks replay leaves little to add anyway.
+# Section 5 races the two where ER is not saturated. Try `ema_lambda=0.999`
+# (`--method-args ilora.ema_lambda=0.999`) to give the slow learner a longer memory.
 
 # %%
 (acc_l, bwt_l, R_l, _), (acc_e, bwt_e, R_e, _) = rows["lora"], rows["er"]
@@ -292,4 +293,74 @@ if not FAST:
     # robust at this size: replay keeps task 1 where sequential fine-tuning loses it
     assert rows["er"][0] > rows["lora"][0] + 0.2 and rows["ilora (slow)"][0] > rows["lora"][0] + 0.2
     assert rows["lora"][1] < -0.5  # Seq-LoRA forgot most of task 1
+
+# %% [markdown]
+# ## 5. Where replay alone is not enough: five tasks
+#
+# On two or three tasks a 200-example buffer holds enough of every old task for ER to keep nearly
+# all of it, and I-LoRA has nothing left to add (scenario A: ER 98.1%, I-LoRA 98.0% over five seeds).
+# The paper's claim is about the regime where replay is not enough. The suite's *replay study* is
+# that regime: the same buffer through five tasks (rot, srt, rev, cap, sft; 600 steps each), where ER
+# still learns every task but ends well below what it learned. The setting was chosen on a tuning
+# seed by looking at ER alone (docs/evidence.md, "The replay study"); here it runs on seed 0, with
+# the suite's own configuration, so these numbers are seed 0 of the committed five-seed report.
+
+# %%
+from tinyslim.experiments.suite import suite_configs  # noqa: E402
+
+study = suite_configs("tiny" if FAST else "quick")
+replay_config, buffer = study["replay"], study["replay_buffer"]
+replay_tasks = make_tasks(replay_config.tasks, seed=0, n_train=replay_config.n_train, n_test=replay_config.n_test)
+replay = {name: run_continual(build_method(name, replay_config, {"buffer_size": buffer}), replay_tasks, replay_config,
+                              base, seed=0, progress=False)
+          for name in ("er", "ilora")}
+print(f"{len(replay_tasks)} tasks × {replay_config.steps} steps, a {buffer}-example buffer; accuracy after the last "
+      "task (%):")
+print(f"{'':<14}" + "".join(f"{t:>6}" for t in replay_config.tasks) + f"{'ACC':>7}{'BWT':>7}{'learned':>9}")
+finals = {}
+for name, result in replay.items():
+    for learner in result["learners"]:
+        r = result["by_learner"][learner]
+        label = name if learner == "default" else f"{name} ({learner})"
+        finals[label] = np.array(r["acc_matrix"])[-1]
+        print(f"{label:<14}" + "".join(f"{100 * v:6.0f}" for v in finals[label])
+              + f"{100 * r['acc']:7.1f}{100 * r['bwt']:+7.1f}{100 * r['learning_acc']:9.1f}")
+gain = replay["ilora"]["acc"] - replay["er"]["acc"]
+print(f"seed 0: I-LoRA (slow) − ER = {100 * gain:+.1f} points of ACC")
+
+# %% [markdown]
+# One seed is an anecdote. The committed five-seed run (`python -m tinyslim run all --seeds 5`, seeds
+# 0–4) judges the same ordering with a paired 95% interval; the cell below reads it, when the
+# repository's `docs/results` is there.
+
+# %%
+import json  # noqa: E402
+import re  # noqa: E402
+
+import tinyslim  # noqa: E402
+
+committed = Path(tinyslim.__file__).resolve().parent.parent / "docs" / "results" / "quick-5seeds" / "report.json"
+if committed.is_file():
+    for c in json.loads(committed.read_text())["claims"]:
+        if c["paper"] == "I-LoRA":
+            lo, hi = c["ci95"]
+            ordering = re.split(r" (?:in|at) ", c["test"])[0]  # "ACC(I-LoRA) > ACC(ER)"
+            print(f"{ordering:<34} {c['effect']:+5.1f} [{lo:+.1f}, {hi:+.1f}] points: {c['verdict']}")
+else:
+    print(f"no committed report at {committed}")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(6.5, 3))
+width = 0.8 / len(finals)
+for i, (label, final) in enumerate(finals.items()):
+    ax.bar(np.arange(len(final)) + i * width, 100 * final, width, label=label)
+ax.set(xticks=np.arange(len(replay_config.tasks)) + 0.4 - width / 2, xticklabels=replay_config.tasks,
+       ylabel="accuracy after the last task (%)", title=f"five tasks, a {buffer}-example buffer (seed 0)")
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(OUT / "05_ilora_replay.png", dpi=100)
+print("plot written to", OUT / "05_ilora_replay.png")
+for result in replay.values():
+    assert len(result["by_learner"][result["reported_learner"]]["acc_matrix"]) == len(replay_tasks)
 print("tutorial 05 checks passed")
