@@ -121,45 +121,58 @@ for name in cola3.adapted[:3]:
 #
 # Same task, rank, data order and learning-rate line for every chain length; only the number of links
 # differs. Each seed draws its own task split, adapter initialisation and batch order, and the three
-# chain lengths of a seed share them, so the per-seed differences m − 1 are paired. We report the
-# exact match on held-out prompts and the training loss over the last 10% of steps.
+# chain lengths of a seed share them, so the per-seed differences m − 1 are paired. The race uses the
+# suite's own runner (`chain_job`, the loop of section 2 plus evaluation), so seeds 0–2 here are
+# seeds 0–2 of the committed five-seed report. We report exact match on held-out prompts and the
+# training loss over the last 10% of steps.
 #
 # Why srt at rank 1 and 800 steps: at rank 1 a LoRA can add only a rank-1 update per weight, and
 # sorting needs more than that (the loss plateaus, section 4's plot). The step count was chosen on the
-# tuning seeds 100–102, never on the seeds shown here: `python -m tinyslim run all` runs this study,
-# and at 600 steps the chains were behind plain LoRA there (m = 2: −2.7 points, m = 3: −4.7), at
-# 800 ahead (+3.0 and +2.3; docs/evidence.md, "COLA's step budget"). Whatever this run prints is what
-# it found; the comparison is reported, not asserted. `python -m tinyslim run all --seeds 5` judges the
-# claim on five seeds with a 95% interval.
+# tuning seeds 100–102, never on the seeds shown here: at 600 steps the chains were behind plain LoRA
+# there (m = 2: −2.7 points, m = 3: −4.7), at 800 ahead (+3.0 and +2.3; docs/evidence.md, "COLA's
+# step budget"). Whatever this run prints is what it found; the comparison is reported, not asserted.
 
 # %%
+from tinyslim.experiments.suite import chain_job, suite_configs  # noqa: E402
+
 SEEDS = (0, 1, 2)
 LINKS = (1, 2, 3)
-runs = {}  # (m, seed) -> (exact match, final loss, losses)
-for seed in SEEDS:
-    for m in LINKS:
-        if (m, seed) == (3, 0):  # section 2 trained this one already
-            cola, task, losses = cola3, TASK, losses3
-        else:
-            cola, task, losses, _, _ = run_chain(m, seed)
-        with cola.evaluating() as model:
-            acc = evaluate_task(model, task)
-        runs[m, seed] = (acc, float(np.mean(losses[-max(T // 10, 5):])), losses)
-        if (m, seed) == (1, 0):
-            cola1, losses1 = cola, losses
+chain = {**suite_configs("quick")["chain"], "task": TASK_NAME, "rank": RANK, "steps": T, "n_test": N_TEST}
+base = load_base()
+runs = {(m, seed): chain_job(base, chain, m, seed, False) for seed in SEEDS for m in LINKS}
 
 print(f"{TASK_NAME}, rank {RANK}, {T} steps: exact match % (final train loss, nats/char)")
 print(f"{'seed':<6}" + "".join(f"{'m = ' + str(m):>18}" for m in LINKS))
 for seed in SEEDS:
-    print(f"{seed:<6}" + "".join(f"{runs[m, seed][0]:>10.0%} ({runs[m, seed][1]:.3f})" for m in LINKS))
-effects = {}
+    print(f"{seed:<6}" + "".join(f"{runs[m, seed]['acc']:>10.0%} ({runs[m, seed]['final_loss']:.3f})" for m in LINKS))
 for m in LINKS[1:]:
-    diffs = [100 * (runs[m, s][0] - runs[1, s][0]) for s in SEEDS]
-    effects[m] = np.mean(diffs)
-    ahead = sum(d > 0 for d in diffs)
-    print(f"m = {m} − m = 1: {effects[m]:+.1f} points on average (per seed: "
-          f"{', '.join(f'{d:+.0f}' for d in diffs)}; ahead on {ahead} of {len(SEEDS)} seeds)")
+    diffs = [100 * (runs[m, s]["acc"] - runs[1, s]["acc"]) for s in SEEDS]
+    print(f"m = {m} − m = 1: {np.mean(diffs):+.1f} points on average (per seed: "
+          f"{', '.join(f'{d:+.0f}' for d in diffs)}; ahead on {sum(d > 0 for d in diffs)} of {len(SEEDS)} seeds)")
 
+# %% [markdown]
+# How solid is that? The effect is a few points, measured on 100 test prompts. The same race run with
+# section 2's loop, which draws its batches from another generator (`default_rng(seed + 1)` instead
+# of the runner's data stream) but is otherwise the same, measured m = 2 − m = 1 = 0, −10 and −1 points
+# on seeds 0–2: the data order alone moves one seed's difference by about ten points. That is why the
+# claim is judged on five seeds with an interval (the cell below reads the committed verdicts), and
+# why it is a weak one even where it is supported.
+
+# %%
+import json  # noqa: E402
+
+import tinyslim  # noqa: E402
+
+committed = Path(tinyslim.__file__).resolve().parent.parent / "docs" / "results" / "quick-5seeds" / "report.json"
+if committed.is_file():
+    for c in json.loads(committed.read_text())["claims"]:
+        if c["paper"] == "COLA":
+            lo, hi = c["ci95"]
+            print(f"five seeds: {c['toy']}: effect {c['effect']:+.1f} [{lo:+.1f}, {hi:+.1f}] points, {c['verdict']}")
+else:
+    print(f"no committed report at {committed}")
+
+cola1, _, losses1, _, _ = run_chain(1)  # seed 0 with section 2's loop, for the loss curves below
 rank1 = max(np.linalg.matrix_rank((w - cola1.W0[n]).astype(np.float64), tol=1e-5)
             for n, w in cola1.merged_weights().items())
 print(f"plain LoRA's update has rank {rank1}; the chain's has rank up to {3 * RANK}")
@@ -168,9 +181,9 @@ assert rank1 <= RANK
 # %% [markdown]
 # ## 4. The picture
 #
-# Left: the training loss of seed 0 for m = 1 and m = 3 (dotted lines: the knots; at each the loss
-# may jump as the fresh link starts from zero and Adam restarts). Right: exact match per seed and
-# chain length, with each seed's points joined.
+# Left: the training loss of seed 0 for m = 1 and m = 3, from section 2's loop (dotted lines: the
+# knots; at each the loss may jump as the fresh link starts from zero and Adam restarts). Right: exact
+# match per seed and chain length from the race of section 3, with each seed's points joined.
 
 # %%
 import matplotlib.pyplot as plt  # noqa: E402
@@ -184,8 +197,8 @@ for k in knots:
 ax.set(title=f"rank {RANK} on {TASK_NAME}, seed 0: same budget", xlabel="step", ylabel="answer loss (nats/char)")
 ax.legend()
 for seed in SEEDS:
-    ax2.plot(LINKS, [100 * runs[m, seed][0] for m in LINKS], "o-", alpha=0.6, label=f"seed {seed}")
-ax2.plot(LINKS, [100 * np.mean([runs[m, s][0] for s in SEEDS]) for m in LINKS], "k_", ms=25, mew=2, label="mean")
+    ax2.plot(LINKS, [100 * runs[m, seed]["acc"] for m in LINKS], "o-", alpha=0.6, label=f"seed {seed}")
+ax2.plot(LINKS, [100 * np.mean([runs[m, s]["acc"] for s in SEEDS]) for m in LINKS], "k_", ms=25, mew=2, label="mean")
 ax2.set(title="exact match on held-out prompts", xlabel="links m", ylabel="%", xticks=LINKS)
 ax2.legend(fontsize=8)
 fig.tight_layout()
@@ -193,9 +206,11 @@ fig.savefig(OUT / "04_cola.png", dpi=100)
 print("plot written to", OUT / "04_cola.png")
 
 # %% [markdown]
-# Every run learned (its loss fell); which chain length wins is what the table above printed.
+# Every run learned (its final loss is below the loss at the start); which chain length wins is what
+# the tables above printed.
 
 # %%
-for (m, seed), (_, _, losses) in runs.items():
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]), (m, seed)
+start_loss = np.mean(losses1[:5])
+for (m, seed), r in runs.items():
+    assert r["final_loss"] < start_loss, (m, seed, r["final_loss"], start_loss)
 print("tutorial 04 checks passed")
