@@ -1,7 +1,10 @@
 /* lowrank_cpu_f32.c — the CPU kernels in float: every version compiled with `real` = float, and the
  * exported entry points of lowrank.h. (lowrank_cpu_f64.c is the same file in double: the kernels'
  * functions are static, so each type gets its own copy under the same name.) */
+#include <stdint.h>
 typedef float real;
+#define TSL_REAL_BYTES 4 /* sizeof(real), for the preprocessor */
+typedef int32_t ireal; /* the integer of the same size (shuffle masks) */
 #include "lowrank_v2.h"
 #include "lowrank_v1.h"
 

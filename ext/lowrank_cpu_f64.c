@@ -1,7 +1,10 @@
 /* lowrank_cpu_f64.c — the CPU kernels in double: every version compiled with `real` = double, and the
  * exported entry points of lowrank.h. (lowrank_cpu_f32.c is the same file in float: the kernels'
  * functions are static, so each type gets its own copy under the same name.) */
+#include <stdint.h>
 typedef double real;
+#define TSL_REAL_BYTES 8 /* sizeof(real), for the preprocessor */
+typedef int64_t ireal; /* the integer of the same size (shuffle masks) */
 #include "lowrank_v2.h"
 #include "lowrank_v1.h"
 

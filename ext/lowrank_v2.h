@@ -58,6 +58,7 @@
 #endif
 #endif
 #define VBYTES TSL_VBYTES
+#define TSL_LANES (TSL_VBYTES / TSL_REAL_BYTES) /* VL for the preprocessor */
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -208,6 +209,50 @@ static void axpys(int64_t na, int64_t nb, int64_t L, real *const *Out, const rea
 #undef TILE
 #undef ROWS
 
+/* The lane sums of 16 accumulators, in registers: fold pairs of vectors (the halves of every segment of
+ * two vectors added into one vector) until every lane holds one whole sum; out[k] = Σ lanes of v[k].
+ * 15 folds of two shuffles and an add, where summing each vector lane by lane would be 16 · VL
+ * dependent scalar adds (for short rows that took longer than the products). The order of the adds
+ * is fixed, so results do not change from run to run. */
+typedef ireal imask __attribute__((vector_size(VBYTES)));
+/* FOLD_LO[level][lane]: where lane's first term comes from (lanes ≥ VL: from b), segments of s = VL >> level
+ * lanes: the lower half of each segment of a, then of b; the second term is the upper half (+ s / 2). */
+#if TSL_LANES == 16
+static const ireal FOLD_LO[4][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+    {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}};
+#elif TSL_LANES == 8
+static const ireal FOLD_LO[3][8] = {
+    {0, 1, 2, 3, 8, 9, 10, 11},
+    {0, 1, 4, 5, 8, 9, 12, 13},
+    {0, 2, 4, 6, 8, 10, 12, 14}};
+#elif TSL_LANES == 4
+static const ireal FOLD_LO[2][4] = {
+    {0, 1, 4, 5},
+    {0, 2, 4, 6}};
+#elif TSL_LANES == 2
+static const ireal FOLD_LO[1][2] = {
+    {0, 2}};
+#else
+#error "TSL_LANES must be 2, 4, 8 or 16"
+#endif
+
+ALWAYS_INLINE vec fold2(vec a, vec b, int level) {
+    imask m1, m2;
+    memcpy(&m1, FOLD_LO[level], sizeof m1);
+    m2 = m1 + (ireal)((VL >> level) / 2);
+    return __builtin_shuffle(a, b, m1) + __builtin_shuffle(a, b, m2);
+}
+
+ALWAYS_INLINE void hsum16(vec *v, real *out) {
+    int64_t n = 16, s = VL;
+    for (int level = 0; s > 1 && n > 1; n /= 2, s /= 2, level++)
+        for (int64_t k = 0; k < n / 2; k++) v[k] = fold2(v[2 * k], v[2 * k + 1], level);
+    for (int64_t k = 0; k < n; k++) vstore(out + k * VL, v[k]);
+}
+
 /* ---- the second micro-kernel, for small ranks: H[i·ldh + j] = ⟨X_i, W_j⟩ over L ------------------- */
 /* At 2r ≤ VL the broadcast tile above would read x one element at a time into half-empty vectors;
  * here x is read in full vectors (it is the DRAM stream) against 4 W rows kept in L1, and a 4 × 4
@@ -237,12 +282,13 @@ ALWAYS_INLINE void dot_tile(const int mr, const real *const *x, const real *cons
             for (int i = 0; i < mr; i++) acc[i][j] += vload(xt[i]) * wv;
         }
     }
+    real sums[16];
+    vec v[16];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) v[i * 4 + j] = i < mr ? acc[i][j] : (vec){0};
+    hsum16(v, sums);
     for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nj; j++) {
-            real sum = 0;
-            for (int l = 0; l < VL; l++) sum += acc[i][j][l];
-            H[i * ldh + j] = sum;
-        }
+        for (int j = 0; j < nj; j++) H[i * ldh + j] = sums[i * 4 + j];
 }
 
 static void dots(int64_t m, int64_t n, int64_t L, const real *const *X, const real *W, int64_t ldw,

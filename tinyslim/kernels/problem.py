@@ -216,10 +216,15 @@ def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
     O = B.shape[1]
 
     if type(gates) is np.ndarray and gates.ndim == 1 and gates.dtype.kind in "iu":
-        g = IndexGates(gates)  # as_gates' answer, without its checks of the other spellings
+        g = None  # a per-token index (what as_gates would say, without its checks of the other spellings)
     else:
         g = as_gates(gates)
-    if isinstance(g, DenseGates):
+    if g is None or isinstance(g, IndexGates):
+        form, w = "index", None
+        idx = _index_input("idx", gates if g is None else g.idx, E, ndim=1)
+        if idx.shape[0] != N:
+            raise ValueError(f"idx has shape {idx.shape} but x has N = {N} rows; the per-token index must be (N,)")
+    elif isinstance(g, DenseGates):
         form, idx, w = "dense", None, _float_input("G", g.G, dtype=dtype)
         if _shape(w) != (N, E):
             raise ValueError(f"G has shape {_shape(w)} but must be (N, E) = ({N}, {E}): one weight per token "
@@ -239,11 +244,6 @@ def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
             n, j = (int(i) for i in np.argwhere(dup)[0])
             raise ValueError(f"idx row {n} picks expert {int(srt[n, j + 1])} twice; top-k indices must be "
                              "distinct within a row (-1 for an empty slot may repeat)")
-    elif isinstance(g, IndexGates):
-        form, w = "index", None
-        idx = _index_input("idx", g.idx, E, ndim=1)
-        if idx.shape[0] != N:
-            raise ValueError(f"idx has shape {idx.shape} but x has N = {N} rows; the per-token index must be (N,)")
     else:  # pragma: no cover - as_gates returns one of the three
         raise TypeError(f"unknown gates {g!r}")
 
@@ -265,7 +265,7 @@ def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
         if out_mask.shape != (E, O):
             raise ValueError(f"out_mask has shape {out_mask.shape} but must be (E, O) = ({E}, {O}): one "
                              "output-channel mask per expert")
-    device = any(isinstance(a, DeviceArray) for a in (x, A, B, w))
+    device = type(x) is DeviceArray or type(A) is DeviceArray or type(B) is DeviceArray or type(w) is DeviceArray
     return Problem(x, A, B, form, idx, w, s, in_mask, out_mask, dtype, device)
 
 
