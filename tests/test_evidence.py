@@ -217,7 +217,7 @@ def test_update_replaces_only_the_scenarios_re_run():
     assert doc["timings"] == {"continual": 100.0, "chain": 12.0, "total (wall)": 110.0, "replay": 50.0}
     assert doc["run_seconds"] == {"continual lora seed 0": 100.0, "chain m=1 seed 0": 12.0, "replay er seed 0": 50.0}
     assert doc["updates"] == [{"scenarios": ["chain", "replay"], "command": "run all --update", "created": "today",
-                               "wall_s": 40.0, "workers": 2, "backend": None}]
+                               "wall_s": 40.0, "workers": 2, "backend": None, "commit": None}]
     assert old["chain"] == "old chain" and "claims" in old  # the old document is left as it was
     with pytest.raises(ValueError, match="same --size and seeds"):
         update_suite_doc(old, {**new, "seeds": [0]})

@@ -143,6 +143,23 @@ def _base_summary(model, source) -> None:
           f"held-out-template fact recall {knowledge_recall(model, data.kb, CharTokenizer(), 'heldout'):.1%}")
 
 
+def _git_commit() -> str | None:
+    """The commit of the code that runs (with "+changes" when the tree differs from it), or None outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _run_suite(args, default_name: str, command: str) -> int:
     """`demo` and `run all`: every world at one size and seed(s) → runs/<name>/report.{md,json} + plots."""
     from datetime import datetime, timezone
@@ -192,7 +209,7 @@ def _run_suite(args, default_name: str, command: str) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     doc.update(name=out_dir.name, command=command, base_source=source, backend=kernels.get_backend(),
-               created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+               commit=_git_commit(), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     out_dir.mkdir(parents=True, exist_ok=True)  # the raw results first: a report that fails to render loses no run
     if update is not None:
         atomic_write_bytes(out_dir / f"suite-update-{'-'.join(scenarios)}.json", json.dumps(doc).encode())

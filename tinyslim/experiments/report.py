@@ -149,12 +149,14 @@ def render_markdown(doc: dict, plots: dict | None = None, terminal: bool = False
     out = [f"# tinyslim report: {doc.get('name', 'run')}", "",
            f"Made by `{doc.get('command', 'python -m tinyslim demo')}` on {doc.get('created', '?')}; size "
            f"**{doc['size']}**, seed(s) {', '.join(map(str, seeds))}; base model {doc.get('base_source', '?')}; "
-           f"kernel backend {doc.get('backend', '?')}.", "",
+           f"kernel backend {doc.get('backend', '?')}" + (f"; code at commit {doc['commit']}" if doc.get("commit") else "")
+           + ".", "",
            f"Time: {t.get('total (wall)', 0):.0f} s wall on {doc.get('workers', 1)} worker process(es); the runs of each "
            "scenario took " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total (wall)") +
            " (summed over its runs).", "",
            *[f"Re-run later, in place (`--update`): {', '.join(u['scenarios'])}, by `{u['command']}` on {u['created']} "
-             f"({u['wall_s']:.0f} s wall on {u['workers']} worker process(es)).\n" for u in doc.get("updates", [])],
+             f"({u['wall_s']:.0f} s wall on {u['workers']} worker process(es)"
+             + (f"; code at commit {u['commit']}" if u.get("commit") else "") + ").\n" for u in doc.get("updates", [])],
            "Optimiser state (Adam) is reset at every task boundary for every method. Accuracies are exact match of "
            "the greedy answer, in %.", ""]
     out += [_seeds_paragraph(doc), ""]

@@ -367,5 +367,6 @@ def update_suite_doc(old: dict, new: dict) -> dict:
     doc["scenarios"] = [s for s in SCENARIOS if s in old["scenarios"] or s in new["scenarios"]]
     doc["updates"] = list(old.get("updates", [])) + [
         {"scenarios": new["scenarios"], "command": new.get("command"), "created": new.get("created"),
-         "wall_s": new["timings"]["total (wall)"], "workers": new.get("workers"), "backend": new.get("backend")}]
+         "wall_s": new["timings"]["total (wall)"], "workers": new.get("workers"), "backend": new.get("backend"),
+         "commit": new.get("commit")}]
     return doc
