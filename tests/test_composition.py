@@ -4,6 +4,7 @@ never changed, MoLE's masking behaves (only LoRA j = LoRA j alone; the mask is u
 `python -m tinyslim run composition` writes parseable JSON holding every method."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,8 +16,8 @@ import pytest
 from conftest import ROOT
 from tinyslim.adapters import sources_from_methods
 from tinyslim.data import CharTokenizer
-from tinyslim.experiments.composition import (COMPOSERS, CompositionConfig, compose, format_composition,
-                                              run_composition, train_sources)
+from tinyslim.experiments.composition import (COMPOSERS, CompositionConfig, answer_gates, compose,
+                                              format_composition, run_composition, train_sources)
 from tinyslim.experiments.continual import GeneralEval
 from tinyslim.nn import GPT, GPTConfig
 from tinyslim.tasks import encode_examples, make_tasks
@@ -62,6 +63,9 @@ def test_the_result_is_well_formed_and_in_range(result):
             assert sum(layer_means) == pytest.approx(1, abs=1e-5)
         assert row["trainable_params"] > 0 and row["lora_factors_unchanged"] is True
         assert len(row["train_log"]["loss_curve"]) == 3
+        for t in ("rev", "cap"):
+            assert all(sum(g) == pytest.approx(1, abs=1e-5) for g in gates["answer_gates"][t].values())
+            assert 0 <= gates["answer_own_share"][t] <= 1
         assert set(doc["masking"][name]) == {"rev", "cap"}
     assert doc["methods"]["nla"]["trainable_params"] == doc["methods"]["lora_sum"]["trainable_params"] == 0
     assert doc["sources_frozen"] is True
@@ -95,6 +99,43 @@ def test_masking_keeps_only_the_chosen_loras(base):
         assert not np.allclose(full, alone, atol=1e-6)
     with mole.evaluating() as m:  # the mask is undone on exit
         np.testing.assert_array_equal(m(x)[0].data, full)
+
+
+@pytest.mark.parametrize("pool", ["prefix", "sequence"])
+def test_answer_gates_are_the_gates_decoding_uses_at_the_first_answer_character(base, pool):
+    """answer_gates feeds the prompts alone. Under "prefix" pooling that equals the teacher-forced line's
+    gate at the last prompt position; under "sequence" the line's answer changes the gate."""
+    tasks = make_tasks(CONFIG.tasks, seed=0, n_train=CONFIG.n_train, n_test=CONFIG.n_test)
+    general = GeneralEval(base, CONFIG.source_config())
+    sources, _ = train_sources(CONFIG, base, tasks, seed=0, general=general, progress=False)
+    states, scales = sources_from_methods(sources)
+    mole = compose("mole", states, scales, base, dataclasses.replace(CONFIG, gate_pool=pool), seed=0)
+    for layer in mole.gate_layers():
+        layer.gate_e.data[...] = np.random.default_rng(1).normal(0, 1.0, layer.gate_e.shape)
+    at_answer = answer_gates(mole, tasks)
+    worst = 0.0
+    for t in tasks:
+        x, _, _ = encode_examples(t.test, t.seq_len)
+        at = np.array([len(p) - 1 for p, _ in t.test])  # the last prompt position of each line
+        with mole.evaluating() as m:
+            m(x)
+        for name, layer in zip(mole.adapted, mole.layers()):
+            forced = layer.current_gate.data.reshape(len(t.test), t.seq_len, -1)[np.arange(len(at)), at].mean(0)
+            worst = max(worst, float(np.abs(forced - np.asarray(at_answer[t.name][name])).max()))
+    assert worst < 1e-5 if pool == "prefix" else worst > 1e-3
+
+
+def test_balanced_gate_batches_hold_each_task_equally_and_random_ones_are_unchanged():
+    from tinyslim.experiments.composition import _batch_rows
+
+    sizes = [5, 7, 4]  # rows 0-4 task 0, 5-11 task 1, 12-15 task 2
+    rng = np.random.default_rng(0)
+    for batch, counts in ((12, [4, 4, 4]), (13, [5, 4, 4]), (2, [1, 1, 0])):
+        rows = _batch_rows(rng, sizes, batch, balanced=True)
+        task = np.searchsorted(np.cumsum(sizes), rows, side="right")
+        assert len(rows) == batch and np.bincount(task, minlength=3).tolist() == counts
+    a, b = np.random.default_rng(3), np.random.default_rng(3)  # the old uniform draw, bit for bit
+    np.testing.assert_array_equal(_batch_rows(a, sizes, 12, balanced=False), b.integers(0, 16, 12))
 
 
 def test_the_config_rejects_bad_settings():

@@ -2,9 +2,10 @@
 (tinyslim/adapters/merging.py), §7.4.
 
 * against an independent torch MoLE (tests/torch_adapters.py) on hypothesis-drawn tiny GPTs, source
-  LoRAs of mixed ranks and scales, and every variant (per-token / per-block gates, token / sequence
-  pooling, inference masks, padding), float64: the loss (CE + the balance loss) and the gradients of every
-  gate e and ρ, which include the gate path of the later layers through x (relative error ≤ 1e-8)
+  LoRAs of mixed ranks and scales, and every variant (per-token / per-block gates, token / sequence /
+  prefix pooling, inference masks, padding), float64: the loss (CE + the balance loss) and the
+  gradients of every gate e and ρ, which include the gate path of the later layers through x
+  (relative error ≤ 1e-8)
 * NLA and the sum against the torch twin's constant gates; merged equals unmerged
 * the §4.8 invariants, numbered as there (1–8)
 """
@@ -80,7 +81,7 @@ def mole_cases(draw):
     targets = draw(st.sampled_from([["attn.c_attn", "mlp.c_fc"], ["mlp.c_fc", "mlp.c_proj"], "all-linear"]))
     mask = draw(st.one_of(st.none(), st.sets(st.integers(0, E - 1), min_size=1).map(sorted)))
     over = dict(gate_granularity=draw(st.sampled_from(["token", "layer"])),
-                gate_pool=draw(st.sampled_from(["token", "sequence"])), mask=mask,
+                gate_pool=draw(st.sampled_from(["token", "sequence", "prefix"])), mask=mask,
                 gate_init_std=draw(st.sampled_from([0.01, 1.0])), tau_init=draw(st.sampled_from([1.0, 0.3])),
                 balance_coef=draw(st.sampled_from([0.0, 0.5])), pad_token_id=draw(st.sampled_from([None, 0])))
     return config, ranks, targets, over, draw(st.integers(1, 3)), draw(st.integers(2, 5)), draw(seeds)
@@ -203,7 +204,7 @@ def test_1_masking_all_but_one_lora_is_that_lora_alone(seed, j, granularity):
     assert method.layers()[0].keep is None  # the context restored "no mask"
 
 
-@given(seed=seeds, pool=st.sampled_from(["token", "sequence"]))
+@given(seed=seeds, pool=st.sampled_from(["token", "sequence", "prefix"]))
 def test_2_zero_gate_matrix_gives_uniform_gates_and_equals_nla(seed, pool):
     sources = trained_loras(F64, "all-linear", [1, 2, 3], seed)
     method, model = mole_on(F64, sources, gate_pool=pool)
@@ -285,7 +286,7 @@ def test_6_training_moves_only_e_and_rho():
             np.testing.assert_array_equal(v, before[k.replace(".base_layer", "")])
 
 
-@given(seed=seeds, pool=st.sampled_from(["token", "sequence"]))
+@given(seed=seeds, pool=st.sampled_from(["token", "sequence", "prefix"]))
 def test_7_gradcheck_of_e_rho_and_x_across_two_gated_layers(seed, pool):
     rng = np.random.default_rng(seed)
     D = 3
@@ -329,6 +330,29 @@ def test_8_the_layer_variant_equals_the_token_variant_with_one_adapted_linear_pe
     assert out[0][0] == out[1][0]
     for a, b in zip(out[0][1], out[1][1]):
         np.testing.assert_array_equal(a, b)
+
+
+@given(seed=seeds)
+def test_prefix_pooling_sees_only_the_past_so_the_trained_gate_is_the_generated_one(seed):
+    """gate_pool="prefix": the gate at token t of a full line (teacher forcing, training) equals the gate
+    of the last token when only tokens 0..t are fed (greedy generation). "sequence" pools the whole
+    line, answer included, so its gates change as the line grows: what training saw, decoding does not."""
+    sources = trained_loras(F64, ["attn.c_attn", "mlp.c_fc"], [2, 2, 2], seed)
+    x = np.random.default_rng(seed).integers(1, 11, (2, 6))
+    worst = {}
+    for pool in ("prefix", "sequence"):
+        method, model = mole_on(F64, sources, gate_init_std=1.0, gate_pool=pool)
+        with method.evaluating():
+            model(x)
+            full = [layer.current_gate.data.reshape(2, 6, -1) for layer in method.gate_layers()]
+            worst[pool] = 0.0
+            for t in range(6):
+                model(x[:, :t + 1])
+                for layer, g in zip(method.gate_layers(), full):
+                    grown = layer.current_gate.data.reshape(2, t + 1, -1)[:, -1]
+                    worst[pool] = max(worst[pool], float(np.abs(grown - g[:, t]).max()))
+    assert worst["prefix"] < 1e-12
+    assert worst["sequence"] > 1e-3  # the leak the prefix pool removes
 
 
 # ---- the rest of the API --------------------------------------------------------------------------

@@ -464,7 +464,8 @@ class TorchMoleLinear(nn.Module):
 
     sources: [(A_i, B_i)] (ranks may differ), scales s_i. e / rho None: a constant gate `weights` (NLA, sum).
     share: a dict shared by the adapted linears of one block in the "layer" variant (the first writes G).
-    pool="sequence": LN(U) is averaged over each sequence's real tokens (`token_mask`)."""
+    pool="sequence": LN(U) is averaged over each sequence's real tokens (`token_mask`); pool="prefix": at token
+    t, over the real tokens s <= t."""
 
     def __init__(self, base, sources, scales, e=None, rho=None, weights=None, pool="token", share=None,
                  owner=True, keep=None):
@@ -496,6 +497,12 @@ class TorchMoleLinear(nn.Module):
                     torch.tensor(np.asarray(self.token_mask, np.float64))
                 w = real / real.sum(1, keepdim=True).clamp(min=1)
                 U = torch.einsum("bt,btc->bc", w, U.reshape(Bsz, T, -1))
+            elif self.pool == "prefix":  # token t: the mean over the real tokens s <= t
+                real = torch.ones(Bsz, T, dtype=torch.float64) if self.token_mask is None else \
+                    torch.tensor(np.asarray(self.token_mask, np.float64))
+                seen = torch.tril(torch.ones(T, T, dtype=torch.float64))[None] * real[:, None, :]
+                w = seen / seen.sum(2, keepdim=True).clamp(min=1)
+                U = torch.einsum("bts,bsc->btc", w, U.reshape(Bsz, T, -1)).reshape(Bsz * T, -1)
             G = torch.softmax((U @ self.e) / torch.exp(self.rho), dim=1)
             if self.pool == "sequence":
                 G = G.repeat_interleave(T, dim=0)

@@ -66,7 +66,7 @@ class MoleConfig(LoraPoolConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, allowed in (("gate_granularity", ("token", "layer")), ("gate_pool", ("token", "sequence"))):
+        for name, allowed in (("gate_granularity", ("token", "layer")), ("gate_pool", ("token", "sequence", "prefix"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MoleConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.tau_init > 0 or self.gate_init_std < 0 or self.balance_coef < 0:
@@ -138,8 +138,8 @@ class MoleLinear(LoraPoolLinear):
     def gate(self, x: Tensor) -> Tensor:  # x (N, D) -> G (N, E)
         U = F.layer_norm(self.branch_outputs(x), eps=1e-5)  # (N, E·O), no affine
         seq_of_token = None
-        if self.pool == "sequence":
-            U, seq_of_token = self._pool_sequences(U)  # (B, E·O)
+        if self.pool in ("sequence", "prefix"):
+            U, seq_of_token = self._pool_sequences(U)  # (B, E·O), or (N, E·O) for "prefix"
         eps = U @ self.gate_e  # ε (N, E) or (B, E)
         tau = F.exp(self.log_tau)  # τ = exp(ρ) > 0
         G = F.softmax(eps / tau, axis=-1)
@@ -151,6 +151,10 @@ class MoleLinear(LoraPoolLinear):
         real = np.ones((B, T)) if self.token_mask is None else np.asarray(self.token_mask, dtype=np.float64)
         if real.shape != (B, T):
             raise ValueError(f"token_mask has shape {real.shape} but the batch is {(B, T)}")
+        if self.pool == "prefix":  # token t: the mean over the real tokens s ≤ t (what generation sees)
+            seen = np.tril(np.ones((T, T)))[None] * real[:, None, :]  # (B, T, T): [s ≤ t]·real[s]
+            weights = (seen / np.maximum(seen.sum(axis=2, keepdims=True), 1)).astype(U.dtype)
+            return F.matmul(weights, U.reshape(B, T, -1)).reshape(N, -1), None  # (N, E·O)
         weights = (real / np.maximum(real.sum(axis=1, keepdims=True), 1)).astype(U.dtype)  # mean over real tokens
         pooled = F.matmul(weights[:, None, :], U.reshape(B, T, -1)).reshape(B, -1)  # (B, E·O)
         return pooled, np.repeat(np.arange(B), T)

@@ -38,7 +38,7 @@ from ..tasks import Task, encode_examples, evaluate_task, make_tasks
 from .continual import ContinualConfig, GeneralEval, build_method, run_continual
 
 __all__ = ["CompositionConfig", "COMPOSERS", "run_composition", "format_composition", "train_sources", "compose",
-           "train_mole", "evaluate_composed", "masking_demo", "gate_statistics"]
+           "train_mole", "evaluate_composed", "masking_demo", "gate_statistics", "answer_gates"]
 
 COMPOSERS = ("lora_sum", "nla", "mole", "mole_nobal")  # the rows of the table, in order
 
@@ -65,6 +65,7 @@ class CompositionConfig:
     mole_batch_size: int = 12
     mole_lr: float = 1e-3
     mole_lr_schedule: str = "linear"
+    mole_balanced_batches: bool = False  # True: every gate batch holds mole_batch_size / K lines of each task
     balance_coef: float = 0.5  # the "mole" row; "mole_nobal" uses 0
     tau_init: float = 1.0
     gate_granularity: str = "token"  # MoleConfig variants: "layer" (one gate per block)
@@ -121,26 +122,43 @@ def _entropy(p: np.ndarray, axis=-1) -> np.ndarray:
 
 
 def _mixed_set(tasks: list[Task], fraction: float):
-    """(x, y, mask) of the first `fraction` of every task's training split (all tasks share seq_len)."""
-    examples = []
+    """(x, y, mask) of the first `fraction` of every task's training split (all tasks share seq_len), in
+    task order, and the number of rows each task holds."""
+    examples, sizes = [], []
     for t in tasks:
-        examples += t.train[:max(1, int(round(fraction * len(t.train))))]
-    return encode_examples(examples, tasks[0].seq_len), len(examples)
+        part = t.train[:max(1, int(round(fraction * len(t.train))))]
+        examples += part
+        sizes.append(len(part))
+    return encode_examples(examples, tasks[0].seq_len), sizes
 
 
-def train_mole(mole, arrays, config: CompositionConfig, seed: int, progress: bool, label: str) -> dict:
-    """Adam on the gates only (e, ρ) over random mini-batches of the mixed set; returns the train log."""
+def _batch_rows(rng, sizes: list, batch_size: int, balanced: bool) -> np.ndarray:
+    """Row indices of one mini-batch of the mixed set: uniform over its rows, or (balanced) as equal a
+    number from every task as batch_size allows (the first batch_size % K tasks get one more)."""
+    if not balanced:
+        return rng.integers(0, sum(sizes), batch_size)
+    K, starts = len(sizes), np.cumsum([0] + list(sizes[:-1]))
+    counts = [batch_size // K + (k < batch_size % K) for k in range(K)]
+    return np.concatenate([start + rng.integers(0, size, c) for start, size, c in zip(starts, sizes, counts)])
+
+
+def train_mole(mole, arrays, config: CompositionConfig, seed: int, progress: bool, label: str,
+               sizes: list | None = None) -> dict:
+    """Adam on the gates only (e, ρ) over mini-batches of the mixed set (balanced over the tasks when
+    config.mole_balanced_batches and the per-task `sizes` are given); returns the train log."""
     from tqdm.auto import tqdm
 
     params = list(mole.trainable_parameters())
     opt = Adam(params, lr=config.mole_lr)
     schedule = LRScheduler.SCHEDULES[config.mole_lr_schedule]
     rng, drop_rng = stream(seed, f"composition/{label}/data"), stream(seed, f"composition/{label}/dropout")
-    n, losses = len(arrays[0]), []
+    sizes = [len(arrays[0])] if sizes is None else list(sizes)
+    balanced = config.mole_balanced_batches and len(sizes) > 1
+    losses = []
     bar = tqdm(range(config.mole_steps), disable=not progress, leave=False, unit="step", desc=f"{label} gates")
     for step in bar:
         opt.lr = schedule(step, config.mole_steps, config.mole_lr, 0)
-        rows = rng.integers(0, n, config.mole_batch_size)
+        rows = _batch_rows(rng, sizes, config.mole_batch_size, balanced)
         loss = mole.loss(*(a[rows] for a in arrays), rng=drop_rng)
         opt.zero_grad()
         loss.backward()
@@ -166,6 +184,7 @@ def gate_statistics(mole, tasks: list[Task]) -> dict:
         real = (np.asarray(x) != 0).reshape(-1)
         all_gates += [layer.current_gate.data[real] for layer in mole.gate_layers()]
     G = np.concatenate(all_gates, axis=0)  # (every gate × token, K)
+    at_answer = answer_gates(mole, tasks)
     q = G.mean(axis=0)
     K = G.shape[1]
     # per layer, over the union: which LoRA each layer favours
@@ -174,7 +193,34 @@ def gate_statistics(mole, tasks: list[Task]) -> dict:
     return {"per_task_layer_means": per_task, "layer_means": union_layer, "mean_share": q.tolist(),
             "max_share": float(q.max()), "argmax_source": int(q.argmax()),
             "entropy_of_mean": float(_entropy(q)), "mean_token_entropy": float(_entropy(G).mean()),
-            "max_entropy": float(np.log(K))}
+            "max_entropy": float(np.log(K)), "answer_gates": at_answer,
+            "answer_own_share": {t.name: float(np.mean([g[j] for g in at_answer[t.name].values()]))
+                                 for j, t in enumerate(tasks)}}
+
+
+def answer_gates(mole, tasks: list[Task]) -> dict:
+    """{task: {layer: mean G (K,)}} at the last prompt token of each test prompt, fed alone: the gate that
+    chooses the first answer character in greedy decoding (the teacher-forced lines of gate_means also
+    hold the answer, which a "sequence" pool reads but decoding has not written yet)."""
+    from ..data import CharTokenizer
+
+    tokenizer, out = CharTokenizer(), {}
+    for t in tasks:
+        by_length = {}
+        for prompt, _ in t.test:
+            by_length.setdefault(len(prompt), []).append(tokenizer.encode(prompt))
+        sums, n = {}, 0
+        for rows in by_length.values():
+            x = np.stack(rows)
+            with mole.evaluating():
+                mole.model(x)
+            for name, layer in zip(mole.adapted, mole.layers()):
+                if layer.owns_gate:
+                    last = layer.current_gate.data.reshape(x.shape[0], x.shape[1], -1)[:, -1]  # (B, K)
+                    sums[name] = sums.get(name, 0) + last.sum(axis=0)
+            n += x.shape[0]
+        out[t.name] = {name: (v / n).tolist() for name, v in sums.items()}
+    return out
 
 
 def train_sources(config: CompositionConfig, base_model, tasks: list[Task], seed: int, general: GeneralEval,
@@ -268,14 +314,15 @@ def run_composition(config: CompositionConfig, base_model, seed: int = 0, progre
     source_states = [{k: v.copy() for k, v in s.items()} for s in states]  # to check they stay frozen
 
     # 2–5. compose
-    arrays, n_mix = _mixed_set(tasks, config.mix_fraction)
+    arrays, sizes = _mixed_set(tasks, config.mix_fraction)
+    n_mix = sum(sizes)
     methods, masking = {}, {}
     for name in config.methods:
         t = time.perf_counter()
         method = compose(name, states, scales, base_model, config, seed)
         row = {"trainable_params": int(sum(p.size for p in method.trainable_parameters()))}
         if name.startswith("mole"):
-            row["train_log"] = train_mole(method, arrays, config, seed, progress, name)
+            row["train_log"] = train_mole(method, arrays, config, seed, progress, name, sizes)
         row.update(evaluate_composed(method, tasks, general))
         if name.startswith("mole"):
             masking[name] = masking_demo(method, tasks)
@@ -330,6 +377,13 @@ def format_composition(doc: dict) -> str:
         lines.append(f"\n{name}: mean gate per adapted layer over the union (sources {', '.join(tasks)})")
         for layer, g in r["gates"]["layer_means"].items():
             lines.append(f"  {layer:<28}" + "".join(f"{v:6.2f}" for v in g))
+        own = r["gates"].get("answer_own_share")
+        if own:
+            forced = {t: np.mean([g[j] for g in r["gates"]["per_task_layer_means"][t].values()])
+                      for j, t in enumerate(tasks)}
+            lines.append(f"{name}: mean gate on the task's own LoRA, at the first answer character (decoding) / "
+                         "over the teacher-forced line: "
+                         + ", ".join(f"{t} {own[t]:.2f} / {forced[t]:.2f}" for t in tasks))
         lines.append(f"{name}: masking (accuracy %, rows: the LoRA masked out / the only LoRA kept)")
         lines.append(f"  {'':<14}" + "".join(f"{t:>6}" for t in tasks))
         for t, m in doc["masking"][name].items():
