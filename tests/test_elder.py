@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_adapters_base import assert_trained_outputs_close, random_gpt, relative_error
 from test_slim import ADAM_NOISE
 from tinyslim.adapters import EDIT_METHODS, Elder, ElderConfig, FTLoRA, adapter_state_dict, stream
-from tinyslim.adapters.elder import key_positions, top_k
+from tinyslim.adapters.elder import ELDER_PAPER, key_positions, subject_positions, top_k
 from tinyslim.autograd import Tensor, no_grad
 from tinyslim.lowrank import mixture_lowrank
 from tinyslim.nn import GPTConfig
@@ -85,7 +85,7 @@ def elder_cases(draw):
     E = draw(st.integers(1, 4))
     targets = draw(st.sampled_from([None, ["mlp.c_fc"], ["attn.c_proj", "mlp.c_fc"]]))
     first = "transformer.h.0.attn.c_attn" if targets != ["attn.c_proj", "mlp.c_fc"] else None
-    over = dict(n_experts=E, top_k=draw(st.integers(1, E)), r=draw(st.integers(1, 2)),
+    over = dict(ELDER_PAPER, n_experts=E, top_k=draw(st.integers(1, E)), r=draw(st.integers(1, 2)),
                 lora_alpha=draw(st.sampled_from([1, 4])), target_modules=targets,
                 routing_layer=draw(st.sampled_from([None, first])), key_pos=draw(st.sampled_from(["last_prompt",
                                                                                                    "last"])),
@@ -148,7 +148,7 @@ def test_elder_edit_stream_matches_torch(case):
 
 def elder_on(config=F32, seed=0, **over):
     model = random_gpt(config, 5)
-    method = Elder(**{"n_iter": 3, **over})
+    method = Elder(**{**ELDER_PAPER, "n_iter": 3, **over})  # the paper's mechanics (the defaults: below)
     method.attach(model, seed)
     return method, model
 
@@ -280,7 +280,8 @@ def test_8_one_expert_k1_no_guide_no_deferral_is_ft_lora(seed, r):
     rng = np.random.default_rng(seed)
     edits = [edit_batch(rng, F64) for _ in range(2)]
     runs = []
-    for method in (Elder(n_experts=1, top_k=1, guide_coef=0.0, deferral=False, r=r, lora_alpha=2, n_iter=3),
+    for method in (Elder(**{**ELDER_PAPER, "n_experts": 1, "top_k": 1, "guide_coef": 0.0, "deferral": False, "r": r,
+                            "lora_alpha": 2, "n_iter": 3}),
                    FTLoRA(r=r, lora_alpha=2, n_iter=3)):
         model = random_gpt(F64, 5)
         method.attach(model, seed % 1000)  # the same `init` draws: ELDER's (1, r, D) is LoRA's (r, D)
@@ -359,9 +360,13 @@ def test_ft_lora_edit_loop_matches_torch(seed, schedule):
 def test_defaults_registry_and_errors():
     cfg = ElderConfig()
     assert (cfg.n_experts, cfg.top_k, cfg.r, cfg.lora_alpha, cfg.scale, cfg.guide_coef, cfg.n_iter, cfg.lr) == \
-        (8, 2, 4, 4, 1.0, 1.0, 30, 1e-2)
-    assert (cfg.preset, cfg.routing, cfg.key_pos, cfg.renormalize_gates, cfg.lr_schedule) == \
-        ("init", "soft", "last_prompt", False, "constant")
+        (32, 2, 1, 1, 1.0, 1.0, 30, 1e-2)
+    assert (cfg.preset, cfg.routing, cfg.key_pos, cfg.query_norm, cfg.router_lr_scale, cfg.renormalize_gates,
+            cfg.lr_schedule) == ("init", "soft", "subject_alone", "centred", 0.0, False, "constant")
+    paper = ElderConfig(**ELDER_PAPER)  # the paper's routing, scenario C's row elder_paper
+    assert (paper.n_experts, paper.r, paper.key_pos, paper.query_norm, paper.router_lr_scale) == \
+        (8, 4, "last_prompt", "none", 1.0)
+    assert paper.n_experts * paper.r == cfg.n_experts * cfg.r  # the same parameter count
     ft = FTLoRA()
     ft.attach(random_gpt(GPTConfig(vocab_size=11, block_size=6, n_layer=3, n_head=2, n_embd=8), 0), 0)
     assert ft.adapted == ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc"]  # the last two blocks
@@ -399,7 +404,7 @@ def test_hashed_presets_come_from_the_hash_stream_edit_by_edit():
 @pytest.mark.parametrize("over", [dict(), dict(routing_layer="transformer.h.0.attn.c_attn", preset="hashed",
                                                routing="hard", gate_bias=False)])
 def test_elder_and_ft_lora_honour_the_adapter_invariants(over):
-    check_adapter_invariants(Elder(n_experts=3, **over))
+    check_adapter_invariants(Elder(**{**ELDER_PAPER, "n_experts": 3, **over}))
     assert check_adapter_invariants(FTLoRA(r=4, lora_alpha=4))["merge"] == "ok"
 
 
@@ -429,3 +434,114 @@ def test_router_lr_scale_slows_or_freezes_the_routers_only():
                                rtol=1e-9, atol=1e-15)
     with pytest.raises(ValueError, match="router_lr_scale"):
         ElderConfig(router_lr_scale=-1.0)
+
+
+def test_subject_positions_name_the_subjects_last_character():
+    prompts = ["Zorbin lives in ", "The home city of Zorbin is ", "Where does Al live? ", "plain text"]
+    pos = subject_positions(prompts, ["Zorbin", "Zorbin", "Al", None])
+    assert [p[i] for p, i in zip(prompts[:3], pos[:3])] == ["n", "n", "l"]
+    assert pos.tolist() == [5, 22, 12, 9]  # no subject: the last character
+    assert subject_positions(["Al met Al "], ["Al"]).tolist() == [8]  # the last occurrence
+    with pytest.raises(ValueError, match="does not occur"):
+        subject_positions(["Zorbin lives in "], ["Quell"])
+    with pytest.raises(ValueError, match="2 prompts but 1 subjects"):
+        subject_positions(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="subject_positions"):
+        key_positions(np.array([[3, 4, 5]]), None, "subject_last")
+
+
+def test_subject_key_routes_from_the_given_position_and_is_required_while_editing():
+    method, _ = elder_on(F64, seed=2, n_experts=3, n_iter=2, key_pos="subject_last")
+    rng = np.random.default_rng(0)
+    x, y, mask = edit_batch(rng, F64, B=2)
+    with pytest.raises(ValueError, match="subject_last"):
+        method.edit(x, y, mask)
+    key = np.array([0, 1])
+    method.edit(x, y, mask, key_pos=key)
+    assert method.n_edits == 2 and method.edit_key_pos is None
+    x_in = None
+
+    def spy(layer_input):
+        nonlocal x_in
+        x_in = layer_input
+
+    layer = method.layers()[0]  # the routing layer (the first adapted one): q is its input at the key
+    original = layer.routing.capture
+    layer.routing.capture = lambda x: (spy(np.asarray(x.data)), original(x))
+    out = method.route(x, key)
+    np.testing.assert_array_equal(method.routing.q, x_in[np.arange(2), key])
+    assert out["z"].all()  # the edits' own prompts, keyed as they were edited
+
+
+def test_the_centred_query_is_the_query_minus_the_text_mean_at_norm_sqrt_d():
+    rng = np.random.default_rng(1)
+    x, y, mask = edit_batch(rng, F64, B=3)
+    text = rng.integers(1, F64.vocab_size, (4, 6))
+    raw, _ = elder_on(F64, seed=4, n_experts=3)
+    centred, _ = elder_on(F64, seed=4, n_experts=3, query_norm="centred")
+    scaled, _ = elder_on(F64, seed=4, n_experts=3, query_norm="scaled")
+    with pytest.raises(RuntimeError, match="fit_query_mean"):
+        centred.route(x)
+    collected = []
+    original = raw.routing.capture
+    raw.routing.capture = lambda h: (collected.append(np.asarray(h.data).copy()), original(h))
+    raw.route(text[:, :4])
+    mu = collected[0].mean(axis=0)  # (4, d): the mean at every position over the rows of the text
+    fitted = centred.fit_query_mean(text[:, :4])
+    np.testing.assert_allclose(fitted[:4], mu, rtol=1e-12)
+    np.testing.assert_allclose(fitted[4:], np.broadcast_to(mu[2:].mean(axis=0), (2, mu.shape[1])), rtol=1e-12)
+    assert all(np.array_equal(layer.query_mean.data, fitted) for layer in centred.layers())
+    assert "query_mean" in "".join(adapter_state_dict(centred.model))  # saved with the experts
+    key = np.array([2, 3, 4])  # position 4: past the fitted text, the pooled mean
+    raw.route(x, key)
+    q = raw.routing.q
+    centred.route(x, key)
+    scaled.route(x, key)
+    d = q.shape[1]
+    c = q - fitted[key]
+    np.testing.assert_allclose(centred.routing.q, c * np.sqrt(d) / np.linalg.norm(c, axis=1)[:, None], rtol=1e-12)
+    np.testing.assert_allclose(scaled.routing.q, q * np.sqrt(d) / np.linalg.norm(q, axis=1)[:, None], rtol=1e-12)
+    with pytest.raises(ValueError, match="block_size"):
+        centred.fit_query_mean(np.zeros((2, 7), dtype=np.int64))
+    with pytest.raises(ValueError, match="query_norm"):
+        ElderConfig(query_norm="whitened")
+
+
+def test_subject_alone_routes_from_the_subject_read_without_its_prompt():
+    method, _ = elder_on(F64, seed=5, n_experts=3, n_iter=2, key_pos="subject_alone")
+    rng = np.random.default_rng(2)
+    x, y, mask = edit_batch(rng, F64, B=2)
+    subjects = [x[0, :2], x[1, :3]]  # the subjects open the prompts: read alone or in the prompt, the same state
+    key = np.array([1, 2])
+    with pytest.raises(ValueError, match="subject_alone"):
+        method.edit(x, y, mask, key_pos=key)
+    q = method.subject_queries(subjects)
+    method.route(x, key)  # read in the prompt at the subject's last token
+    np.testing.assert_allclose(q, method.routing.q, rtol=1e-12)
+    method.edit(x, y, mask, key_pos=key, queries=q)
+    assert method.n_edits == 2 and method.edit_queries is None
+    other = q + 1.0
+    given = np.stack([other[0], np.full(q.shape[1], np.nan)])  # row 1 has no subject: read at its key
+    method.route(x, key, given)
+    np.testing.assert_array_equal(method.routing.q, np.stack([other[0], q[1]]))
+    assert method.route(x, key, q)["z"].all()  # the edits' own queries hit their stored codes
+    with pytest.raises(ValueError, match="non-empty"):
+        method.subject_queries([[]])
+
+
+def test_grace_keys_from_given_subject_queries_too():
+    from tinyslim.adapters import Grace
+
+    grace = Grace(n_iter=2, key_pos="subject_alone", max_edits=4)
+    grace.attach(random_gpt(F64, 5), 0)
+    rng = np.random.default_rng(3)
+    x, y, mask = edit_batch(rng, F64, B=2)
+    key = np.array([1, 2])
+    with pytest.raises(ValueError, match="subject_alone"):
+        grace.edit(x, y, mask, key_pos=key)
+    q = grace.subject_queries([x[0, :2], x[1, :3]])
+    grace.route(x, key)
+    np.testing.assert_allclose(q, grace.layer.q, rtol=1e-12)  # subjects opening the prompt: the same state
+    grace.edit(x, y, mask, key_pos=key, queries=q)
+    assert grace.n_keys == 2 and grace.route(x, key, q)["hit"].all()
+    assert not grace.route(x, key, q + 100.0)["hit"].any()  # far queries miss every key: the base

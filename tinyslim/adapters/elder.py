@@ -5,8 +5,15 @@ L_a adapted layers, d_q query width.
 
 A fixed pool of E LoRAs per adapted layer, shared by all edits, mixed per *sequence*:
 
-    q        the hidden state entering the routing layer at the last prompt token (detached; the routing
-             layer is not after the first adapted layer, so q depends on the base model only)
+    q        the hidden state entering the routing layer at the key token (detached; the routing layer is
+             not after the first adapted layer, so q depends on the base model only), as the routers see it:
+             raw (query_norm "none", the paper), or q ← √d_q·(q − μ_t)/‖q − μ_t‖ ("centred"; μ_t the base's
+             mean input of that layer at the key's position t over unlabelled text, fit_query_mean;
+             "scaled": the same with μ = 0)
+    key      "last_prompt" (the paper: the token before the answer), "last", or, for a character-level
+             model, the edited subject's last character: "subject_last" (in the prompt) or "subject_alone"
+             (the subject read alone, ROME's context-free subject key: every template of a fact gets the
+             same q). Why: docs/elder_routing.md (a last prompt character sees its template, not the entity)
     p^l      = softmax(W_g^l q + b_g^l)                                ∈ ℝ^E   per sequence
     S^l      = TopK(p^l, k);   g^l_e = p^l_e on S^l, else 0            raw probabilities, Σ_e g^l_e < 1
     y_t      = W0 x_t + b0 + z · Σ_{e∈S^l} g^l_e · s · B_e^l A_e^l x_t for every token t of the sequence
@@ -35,12 +42,16 @@ index. The code table lives in the layers (``edit_codes``, one k-hot row per sto
 capacity ``max_edits``), so ``adapter_state_dict`` saves it with the experts.
 
     from tinyslim.adapters import Elder
-    elder = Elder(n_experts=8, top_k=2)
+    elder = Elder(**ELDER_PAPER)           # the paper's routing; the defaults need the subject (below)
     elder.attach(base_copy, seed=0)
     for x, y, mask in edit_stream:          # one (prompt, target) per edit: mask marks the target tokens
         elder.edit(x, y, mask)              # reset Adam, n_iter steps of L, store the edit's code
     with elder.evaluating(), elder.keys(key_pos):   # key_pos (B,): each row's last prompt token
         logits, _ = elder.model(x)                  # deferred rows are the base model exactly
+
+The subject keys need the subject (an edit request names it, as ROME's and EasyEdit's do):
+``edit(x, y, mask, key_pos=subject_positions(prompts, subjects), queries=elder.subject_queries(ids))``
+(queries only for "subject_alone"), and the same key_pos / queries in ``keys`` and ``route``.
 """
 from __future__ import annotations
 
@@ -57,21 +68,33 @@ from ..nn import Linear, Parameter
 from .base import AdaptedLinear, Streams
 from .ft_lora import LR_SCHEDULES, EditingMethod
 
-__all__ = ["ElderConfig", "ElderLinear", "QueryTap", "ElderRouting", "Elder", "key_positions"]
+__all__ = ["ElderConfig", "ElderLinear", "QueryTap", "ElderRouting", "Elder", "key_positions", "subject_positions",
+           "ELDER_PAPER"]
+
+KEY_POS = ("last_prompt", "last", "subject_last", "subject_alone")
+# the paper's routing (arXiv 2408.11869) as ElderConfig overrides: the query at the last prompt token as the
+# model gives it, routers trained by the per-edit Adam, a pool of 8 rank-4 experts; on the character-level base
+# every code collapses to one (docs/elder_routing.md). Scenario C runs it as the row "elder_paper".
+ELDER_PAPER = dict(key_pos="last_prompt", query_norm="none", router_lr_scale=1.0, n_experts=8, top_k=2, r=4,
+                   lora_alpha=4)
+QUERY_NORMS = ("none", "scaled", "centred")
 
 
 @dataclass
 class ElderConfig:
-    """ELDER (docs/methods.md §5.7). ``router_lr_scale`` is a knob where the paper is silent (the per-edit
-    optimiser); what scenario C measured with it: docs/experiments.md, "Calibration notes"."""
+    """ELDER (docs/methods.md §5.7). The defaults adapt the paper's routing to a character-level model (the
+    subject key, a centred query, frozen routers, 32 rank-1 experts; docs/methods.md §5.7a and
+    docs/elder_routing.md measure why); ``ELDER_PAPER`` holds the paper's values of those fields."""
 
-    n_experts: int = 8  # E per adapted layer
+    n_experts: int = 32  # E per adapted layer (the paper's row, ELDER_PAPER: 8 rank-4 experts)
     top_k: int = 2  # k
-    r: int = 4
-    lora_alpha: float = 4  # s = α/r = 1
+    r: int = 1  # E·r = 32: FT-LoRA's rank, and 8 rank-4 experts' parameter count
+    lora_alpha: float = 1  # s = α/r = 1
     target_modules: list | str | None = None  # None: mlp.c_fc of the last 2 blocks (L_a = 2)
     routing_layer: str | None = None  # a Linear whose input gives q; None: the first adapted layer
-    key_pos: str = "last_prompt"  # or "last" (the last real token)
+    key_pos: str = "subject_alone"  # the subject's last token read with the subject alone; or "subject_last" (that
+    #                                 token in the prompt), "last_prompt" (the paper's), "last" (the last real token)
+    query_norm: str = "centred"  # (q − μ_t)·√d_q/‖q − μ_t‖, μ: fit_query_mean; or "scaled" (μ = 0), "none" (the paper's)
     gate_bias: bool = True
     renormalize_gates: bool = False  # True: g renormalised over the top-k
     guide_coef: float = 1.0  # λ_g
@@ -79,7 +102,7 @@ class ElderConfig:
     routing: str = "soft"  # or "hard" (forced to the preset while editing)
     n_iter: int = 30  # optimisation steps per edit
     lr: float = 1e-2  # Adam, reset per edit
-    router_lr_scale: float = 1.0  # the routers' lr = lr · router_lr_scale (0: routers frozen at their init)
+    router_lr_scale: float = 0.0  # the routers' lr = lr · router_lr_scale (0: frozen at their init; the paper's: 1)
     lr_schedule: str = "constant"  # or "step" (×0.5 every 20 iterations)
     theta: float | None = None  # deferral threshold; None: k·L_a/2
     deferral: bool = True  # False: z ≡ 1 (never deferred; the reduction to FT-LoRA)
@@ -87,7 +110,7 @@ class ElderConfig:
     pad_token_id: int | None = None  # for key_pos="last" and rows without targets: the last non-pad token
 
     def __post_init__(self):
-        choices = dict(key_pos=("last_prompt", "last"), preset=("init", "hashed"), routing=("soft", "hard"),
+        choices = dict(key_pos=KEY_POS, query_norm=QUERY_NORMS, preset=("init", "hashed"), routing=("soft", "hard"),
                        lr_schedule=LR_SCHEDULES)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -116,7 +139,7 @@ class ElderConfig:
 class ElderLinear(AdaptedLinear):
     """A frozen Linear plus a per-sequence top-k mixture of E LoRAs, routed from the shared query q."""
 
-    adapter_names = ("lora_A", "lora_B", "router_weight", "router_bias", "edit_codes")
+    adapter_names = ("lora_A", "lora_B", "router_weight", "router_bias", "edit_codes", "query_mean")
     trainable_names = ("lora_A", "lora_B", "router_weight", "router_bias")
 
     def __init__(self, base_layer: Linear, config: ElderConfig, streams: Streams):
@@ -131,6 +154,7 @@ class ElderLinear(AdaptedLinear):
         self.router_weight = Parameter(np.zeros((E, D), dtype=dtype))
         self.router_bias = Parameter(np.zeros(E, dtype=dtype)) if config.gate_bias else None
         self.edit_codes = Parameter(np.zeros((config.max_edits, E), dtype=dtype), requires_grad=False)  # k-hot rows
+        self.query_mean = Parameter(np.zeros((1, D), dtype=dtype), requires_grad=False)  # μ (P, d_q): init_router
         if not config.gate_bias:
             self.adapter_names = tuple(n for n in self.adapter_names if n != "router_bias")
             self.trainable_names = tuple(n for n in self.trainable_names if n != "router_bias")
@@ -138,9 +162,11 @@ class ElderLinear(AdaptedLinear):
         self.is_routing_layer = False
         self.guide_loss = None  # L_g of the last editing forward
 
-    def init_router(self, d_q: int, rng: np.random.Generator) -> None:
-        """W_g, b_g ~ U(±1/√d_q), like a torch Linear (the `router` stream, layer after layer)."""
+    def init_router(self, d_q: int, rng: np.random.Generator, n_pos: int = 1) -> None:
+        """W_g, b_g ~ U(±1/√d_q), like a torch Linear (the `router` stream, layer after layer); μ (n_pos, d_q) = 0
+        (query_norm="centred": one mean per position, set by Elder.fit_query_mean)."""
         bound, dtype = 1.0 / math.sqrt(d_q), self.lora_A.dtype
+        self.query_mean = Parameter(np.zeros((n_pos, d_q), dtype=dtype), requires_grad=False)
         self.router_weight = Parameter(rng.uniform(-bound, bound, (self.E, d_q)).astype(dtype))
         if self.config.gate_bias:
             self.router_bias = Parameter(rng.uniform(-bound, bound, self.E).astype(dtype))
@@ -199,9 +225,31 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
+def subject_positions(prompts: list, subjects: list) -> np.ndarray:
+    """(B,) the key_pos="subject_last" token of every prompt: the last character of the last occurrence of
+    its subject (the edited entity, named by the edit request as in ROME's or EasyEdit's requests); a row
+    whose subject is None (text without a subject) keys on its last character."""
+    if len(prompts) != len(subjects):
+        raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
+    out = []
+    for prompt, subject in zip(prompts, subjects):
+        if subject is None:
+            out.append(len(prompt) - 1)
+            continue
+        i = prompt.rfind(subject) if subject else -1
+        if i < 0:
+            raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+        out.append(i + len(subject) - 1)
+    return np.array(out, dtype=np.int64)
+
+
 def key_positions(x, mask=None, mode: str = "last_prompt", pad_token_id=None) -> np.ndarray:
     """(B,) the key token of every row: "last_prompt" = the position predicting the first target token
-    (the first mask ≠ 0); "last" (or a row without targets) = the last real token."""
+    (the first mask ≠ 0); "last" (or a row without targets) = the last real token. "subject_last" cannot
+    be read from the tokens: give the positions (``subject_positions``)."""
+    if mode in ("subject_last", "subject_alone"):
+        raise ValueError(f'key_pos="{mode}" needs the subject\'s position: pass key_pos='
+                         'subject_positions(prompts, subjects) to edit() and keys()')
     x = np.asarray(x)
     B, T = x.shape
     last = np.full(B, T - 1) if pad_token_id is None else \
@@ -219,6 +267,9 @@ class ElderRouting:
     def __init__(self, method: "Elder"):
         self.method = method
         self.key_pos = None  # (B,) key positions for the next forward passes (None: the last token)
+        self.collect = None  # fit_query_mean: a list collecting the routing layer's inputs
+        self.given = None  # (B, d_q) raw queries given by the caller (subject_alone); a NaN row: read at key_pos
+        self.probe = False  # subject_queries: read the raw queries, route nothing
         self.editing = False
         self.q = self.z = None
         self.preset = {}
@@ -228,11 +279,23 @@ class ElderRouting:
         if data.ndim != 3:
             raise ValueError(f"the routing layer expects (B, T, D) inputs, got shape {data.shape}")
         B, T, _ = data.shape
+        m = self.method
+        if self.collect is not None:  # fit_query_mean: record every token, route nothing
+            self.collect.append(data.reshape(B * T, -1).astype(np.float64))
+            self.q, self.z = data[:, -1].copy(), np.zeros(B, dtype=bool)
+            return
         pos = np.full(B, T - 1) if self.key_pos is None else np.asarray(self.key_pos)
         if pos.shape != (B,) or pos.min() < 0 or pos.max() >= T:
             raise ValueError(f"key positions {pos.tolist()} do not fit a batch of {B} rows of length {T}")
-        self.q = data[np.arange(B), pos].copy()  # detached
-        m = self.method
+        self.q = m.normalise(data[np.arange(B), pos], pos)  # detached
+        if self.probe:
+            self.z = np.zeros(B, dtype=bool)
+            return
+        if self.given is not None:
+            if len(self.given) != B:
+                raise ValueError(f"{len(self.given)} given queries for a batch of {B} rows")
+            rows = ~np.isnan(self.given[:, 0])
+            self.q[rows] = self.given[rows]
         if self.editing:
             self.z = np.ones(B, dtype=bool)  # z = 1 while an edit trains
             self.preset = m.presets_for(self.q)
@@ -271,10 +334,11 @@ class Elder(EditingMethod):
             setattr(model.get_submodule(parent), child, router_layer)
         d_q = router_layer.in_features
         for layer in layers:
-            layer.init_router(d_q, self.streams["router"])
+            layer.init_router(d_q, self.streams["router"], model.config.block_size)
             layer.routing = self.routing
         self._edit_queries = {}  # the queries trained on since before_task: bytes → q (d_q,)
         self._presets = {}  # bytes → [T^l (k,) for every layer]
+        self.last_presets = None
 
     def layers(self) -> list:
         return [layer for layer in super().layers() if isinstance(layer, ElderLinear)]
@@ -301,12 +365,16 @@ class Elder(EditingMethod):
     def loss(self, x, y, mask, rng=None):
         self._check_attached()
         cfg = self.config
-        self.routing.key_pos = key_positions(x, mask, cfg.key_pos, cfg.pad_token_id)
-        self.routing.editing = True
+        key_pos, given = getattr(self, "edit_key_pos", None), getattr(self, "edit_queries", None)
+        if cfg.key_pos == "subject_alone" and given is None:
+            raise ValueError('key_pos="subject_alone" needs the subject\'s query: pass '
+                             'queries=elder.subject_queries(subject_ids) to edit()')
+        self.routing.key_pos = key_positions(x, mask, cfg.key_pos, cfg.pad_token_id) if key_pos is None else key_pos
+        self.routing.editing, self.routing.given = True, given
         try:
             _, loss = self.model(x, y, loss_mask=mask, rng=rng)  # L_edit (z = 1)
         finally:
-            self.routing.editing, self.routing.key_pos = False, None
+            self.routing.editing, self.routing.key_pos, self.routing.given = False, None, None
         if cfg.guide_coef:
             loss = loss + cfg.guide_coef * sum(layer.guide_loss for layer in self.layers())
         return loss
@@ -331,7 +399,50 @@ class Elder(EditingMethod):
         """Store c(q_t) of every distinct query trained on in this edit, with the routers as they are now."""
         if self._edit_queries:
             self.store_codes(np.stack(list(self._edit_queries.values())))
+        self.last_presets = next(iter(self._presets.values()), None)  # [T^l (k,)] of this edit's first row
         self._edit_queries, self._presets = {}, {}
+
+    # ---- the query ------------------------------------------------------------------------------------
+    def normalise(self, q: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """q (B, d_q), read at positions pos (B,), as the routers see it: raw ("none"), or rescaled to norm √d_q
+        ("scaled"), after subtracting μ_pos, the base's mean query at that position over unlabelled text
+        ("centred"; see fit_query_mean)."""
+        mode = self.config.query_norm
+        q = np.array(q, copy=True)
+        if mode == "none":
+            return q
+        if mode == "centred":
+            mu = self.layers()[0].query_mean.data
+            if not mu.any():
+                raise RuntimeError('query_norm="centred" needs μ: call fit_query_mean(x) on unlabelled text first')
+            q = q - mu[np.minimum(np.asarray(pos), len(mu) - 1)]
+        norm = np.sqrt((q.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
+        return (q * (math.sqrt(q.shape[1]) / np.maximum(norm, 1e-12))).astype(q.dtype)
+
+    def fit_query_mean(self, x) -> np.ndarray:
+        """μ_t = the mean of the routing layer's input at position t over the rows of x (B, T): unlabelled text
+        run through the base model (q depends on the base only; a position's state carries an offset shared by
+        every text, largest at the first positions). Positions ≥ T get the mean over positions T/2…T−1.
+        Stored in every layer. Returns μ (P, d_q), P = the model's block_size."""
+        self._check_attached()
+        x = np.asarray(x)
+        P = len(self.layers()[0].query_mean.data)
+        if x.ndim != 2 or x.shape[1] > P:
+            raise ValueError(f"fit_query_mean needs token ids (B, T) with T <= block_size {P}, got shape {x.shape}")
+        self.routing.collect = []
+        try:
+            with self.evaluating(), no_grad():
+                self.model(x)
+            states = self.routing.collect[0].reshape(x.shape[0], x.shape[1], -1)  # (B, T, d_q)
+        finally:
+            self.routing.collect = None
+        T = x.shape[1]
+        mu = np.empty((P, states.shape[-1]))
+        mu[:T] = states.mean(axis=0)
+        mu[T:] = states[:, T // 2:].mean(axis=(0, 1))
+        for layer in self.layers():
+            layer.query_mean.data[:] = mu
+        return mu.astype(self.layers()[0].query_mean.dtype)
 
     # ---- codes and deferral ----------------------------------------------------------------------------
     def codes(self, q: np.ndarray) -> list:
@@ -370,17 +481,48 @@ class Elder(EditingMethod):
 
     # ---- evaluation -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def keys(self, key_pos):
-        """Route the forward passes inside the block from the tokens at key_pos (B,) (None: the last token)."""
-        previous, self.routing.key_pos = self.routing.key_pos, (None if key_pos is None else np.asarray(key_pos))
+    def keys(self, key_pos, queries=None):
+        """Route the forward passes inside the block from the tokens at key_pos (B,) (None: the last token), or
+        from given queries (B, d_q) as the routers see them (subject_queries; a NaN row is read at key_pos)."""
+        r = self.routing
+        previous = r.key_pos, r.given
+        r.key_pos = None if key_pos is None else np.asarray(key_pos)
+        r.given = None if queries is None else np.asarray(queries)
         try:
             yield self.model
         finally:
-            self.routing.key_pos = previous
+            r.key_pos, r.given = previous
 
-    def route(self, x, key_pos=None) -> dict:
+    def subject_queries(self, subjects: list) -> np.ndarray:
+        """Queries (B, d_q) of key_pos="subject_alone", as the routers see them: the routing layer's input at
+        each subject's last token with the subject alone as the context (ROME's context-free subject key, without the random
+        prefixes ROME averages over). subjects: B token-id sequences (a causal model ignores the right padding)."""
+        self._check_attached()
+        lengths = np.array([len(s) for s in subjects])
+        if len(subjects) == 0 or lengths.min() < 1:
+            raise ValueError("subject_queries needs at least one non-empty subject")
+        ids = np.zeros((len(subjects), lengths.max()), dtype=np.int64)
+        for row, s in zip(ids, subjects):
+            row[:len(s)] = s
+        self.routing.probe = True
+        try:
+            with self.evaluating(), self.keys(lengths - 1):
+                self.model(ids)
+            return self.routing.q.copy()
+        finally:
+            self.routing.probe = False
+
+    def edit(self, x, y, mask, rng=None, key_pos=None, queries=None) -> list:
+        """EditingMethod.edit, plus the queries (B, d_q) that key_pos="subject_alone" routes from."""
+        self.edit_queries = None if queries is None else np.asarray(queries)
+        try:
+            return super().edit(x, y, mask, rng, key_pos)
+        finally:
+            self.edit_queries = None
+
+    def route(self, x, key_pos=None, queries=None) -> dict:
         """One evaluation forward of x (B, T): {"logits", "z" (B,), "min_hamming" (B,)}."""
-        with self.evaluating(), self.keys(key_pos):
+        with self.evaluating(), self.keys(key_pos, queries):
             logits, _ = self.model(x)
             q = self.routing.q
         return {"logits": logits.data, "z": self.routing.z.copy(), "min_hamming": self.min_hamming(q)}

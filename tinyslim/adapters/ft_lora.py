@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..optim import Adam
 from .base import Method
 from .lora import LoraConfig
@@ -53,6 +55,7 @@ class EditingMethod(Method):
         self.after_attach(model)
         self.optimizer = Adam(self.param_groups(), lr=self.config.lr)  # edit()'s own, reset per edit
         self.edits_done = 0
+        self.edit_key_pos = None  # edit()'s key positions while it runs
 
     def after_attach(self, model) -> None:
         """Set-up that needs the injected layers (ELDER's routers), before the optimizer is made."""
@@ -65,22 +68,28 @@ class EditingMethod(Method):
         cfg = self.config
         return cfg.lr * (0.5 ** (iteration // 20) if cfg.lr_schedule == "step" else 1.0)
 
-    def edit(self, x, y, mask, rng=None) -> list:
-        """One edit (B rows = B facts edited together): reset Adam, n_iter steps, store. Returns the losses."""
+    def edit(self, x, y, mask, rng=None, key_pos=None) -> list:
+        """One edit (B rows = B facts edited together): reset Adam, n_iter steps, store. Returns the losses.
+        key_pos (B,): each row's key token for the methods that route from one (ELDER, GRACE; needed with
+        key_pos="subject_last", see ``subject_positions``); None: the config's key_pos rule."""
         self._check_attached()
         cfg, opt = self.config, self.optimizer
+        self.edit_key_pos = None if key_pos is None else np.asarray(key_pos)
         self.before_task(self.edits_done, cfg.n_iter, opt)  # resets Adam
         losses = []
-        for i in range(cfg.n_iter):
-            for group in opt.param_groups:
-                group["lr"] = self.lr_at(i) * group.get("lr_scale", 1.0)
-            loss = self.loss(x, y, mask, rng)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            self.after_step(i, opt)
-            losses.append(loss.item())
-        self.after_task(self.edits_done)
+        try:
+            for i in range(cfg.n_iter):
+                for group in opt.param_groups:
+                    group["lr"] = self.lr_at(i) * group.get("lr_scale", 1.0)
+                loss = self.loss(x, y, mask, rng)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                self.after_step(i, opt)
+                losses.append(loss.item())
+            self.after_task(self.edits_done)
+        finally:
+            self.edit_key_pos = None
         self.edits_done += 1
         return losses
 

@@ -50,7 +50,7 @@ import numpy as np
 from ..autograd import Function, Tensor
 from ..nn import Linear, Parameter
 from .base import AdaptedLinear, Streams
-from .elder import key_positions
+from .elder import KEY_POS, key_positions
 from .ft_lora import LR_SCHEDULES, EditingMethod, last_block_targets
 
 __all__ = ["GraceConfig", "GraceLinear", "Grace", "ReplaceAt", "replace_at"]
@@ -63,7 +63,7 @@ class GraceConfig:
 
     layer: str | None = None  # the Linear whose input gives q and whose output is replaced; None: ELDER's routing layer
     epsilon: float = 1.0  # ε: the radius of a new key, in L2 units of q
-    key_pos: str = "last_prompt"  # or "last" (the last real token), as ELDER
+    key_pos: str = "last_prompt"  # or "last", "subject_last", "subject_alone" (the subject read alone), as ELDER
     n_iter: int = 30  # optimisation steps per edit
     lr: float = 1e-2  # Adam, reset per edit
     lr_schedule: str = "constant"  # or "step" (×0.5 every 20 iterations)
@@ -71,7 +71,7 @@ class GraceConfig:
     pad_token_id: int | None = None  # for key_pos="last" and rows without targets: the last non-pad token
 
     def __post_init__(self):
-        for key, allowed in dict(key_pos=("last_prompt", "last"), lr_schedule=LR_SCHEDULES).items():
+        for key, allowed in dict(key_pos=KEY_POS, lr_schedule=LR_SCHEDULES).items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"GraceConfig.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         for key in ("n_iter", "max_edits"):
@@ -154,6 +154,8 @@ class GraceLinear(AdaptedLinear):
         self.key_pos = None  # (B,) the key token of every row for the next forward passes (None: the last token)
         self.edit_slots = None  # while editing: the method's fn(q (B, D), y_p (B, O)) -> the slot each row trains
         self.q = self.slot = None  # the last forward's queries (B, D) and slots (B,), −1 = no key in range
+        self.given = None  # (B, D) queries given by the caller (subject_alone); a NaN row: read at key_pos
+        self.probe = False  # subject_queries: record q, change nothing
 
     @property
     def n_keys(self) -> int:
@@ -186,6 +188,13 @@ class GraceLinear(AdaptedLinear):
         if pos.shape != (B,) or pos.min() < 0 or pos.max() >= T:
             raise ValueError(f"key positions {pos.tolist()} do not fit a batch of {B} rows of length {T}")
         self.q = data[np.arange(B), pos].copy()  # (B, D), detached
+        if self.probe:
+            return y
+        if self.given is not None:
+            if len(self.given) != B:
+                raise ValueError(f"{len(self.given)} given queries for a batch of {B} rows")
+            rows = ~np.isnan(self.given[:, 0])
+            self.q[rows] = self.given[rows]
         if self.edit_slots is not None:
             self.slot = self.edit_slots(self.q, y.data[np.arange(B), pos])
         else:
@@ -239,12 +248,16 @@ class Grace(EditingMethod):
         self._check_attached()
         cfg, layer = self.config, self.layer
         targets = [tuple(int(t) for t in row[m != 0]) for row, m in zip(np.asarray(y), np.asarray(mask))]
-        layer.key_pos = key_positions(x, mask, cfg.key_pos, cfg.pad_token_id)
-        layer.edit_slots = lambda q, y_p: self.slots_for(q, y_p, targets)
+        key_pos, given = getattr(self, "edit_key_pos", None), getattr(self, "edit_queries", None)
+        if cfg.key_pos == "subject_alone" and given is None:
+            raise ValueError('key_pos="subject_alone" needs the subject\'s query: pass '
+                             'queries=grace.subject_queries(subject_ids) to edit()')
+        layer.key_pos = key_positions(x, mask, cfg.key_pos, cfg.pad_token_id) if key_pos is None else key_pos
+        layer.edit_slots, layer.given = (lambda q, y_p: self.slots_for(q, y_p, targets)), given
         try:
             _, loss = self.model(x, y, loss_mask=mask, rng=rng)
         finally:
-            layer.edit_slots = layer.key_pos = None
+            layer.edit_slots = layer.key_pos = layer.given = None
         return loss
 
     def slots_for(self, q: np.ndarray, y_p: np.ndarray, targets: list) -> np.ndarray:
@@ -276,19 +289,49 @@ class Grace(EditingMethod):
 
     # ---- evaluation -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def keys(self, key_pos):
-        """Take q from the tokens at key_pos (B,) in the forward passes inside the block (None: the last token)."""
+    def keys(self, key_pos, queries=None):
+        """Take q from the tokens at key_pos (B,) in the forward passes inside the block (None: the last token),
+        or from given queries (B, D) (subject_queries; a NaN row is read at key_pos)."""
         layer = self.layer
-        previous, layer.key_pos = layer.key_pos, (None if key_pos is None else np.asarray(key_pos))
+        previous = layer.key_pos, layer.given
+        layer.key_pos = None if key_pos is None else np.asarray(key_pos)
+        layer.given = None if queries is None else np.asarray(queries)
         try:
             yield self.model
         finally:
-            layer.key_pos = previous
+            layer.key_pos, layer.given = previous
 
-    def route(self, x, key_pos=None) -> dict:
+    def subject_queries(self, subjects: list) -> np.ndarray:
+        """Queries (B, D) of key_pos="subject_alone": the layer's input at each subject's last token with the
+        subject alone as the context (as ELDER's). subjects: B token-id sequences."""
+        self._check_attached()
+        lengths = np.array([len(s) for s in subjects])
+        if len(subjects) == 0 or lengths.min() < 1:
+            raise ValueError("subject_queries needs at least one non-empty subject")
+        ids = np.zeros((len(subjects), lengths.max()), dtype=np.int64)
+        for row, s in zip(ids, subjects):
+            row[:len(s)] = s
+        layer = self.layer
+        layer.probe = True
+        try:
+            with self.evaluating(), self.keys(lengths - 1):
+                self.model(ids)
+            return layer.q.copy()
+        finally:
+            layer.probe = False
+
+    def edit(self, x, y, mask, rng=None, key_pos=None, queries=None) -> list:
+        """EditingMethod.edit, plus the queries (B, D) that key_pos="subject_alone" keys from."""
+        self.edit_queries = None if queries is None else np.asarray(queries)
+        try:
+            return super().edit(x, y, mask, rng, key_pos)
+        finally:
+            self.edit_queries = None
+
+    def route(self, x, key_pos=None, queries=None) -> dict:
         """One evaluation forward of x (B, T): {"logits", "hit" (B,) bool, "slot" (B,), "distance" (B,)}:
         the key each row used (−1: none, the base model) and the distance to its nearest key."""
-        with self.evaluating(), self.keys(key_pos):
+        with self.evaluating(), self.keys(key_pos, queries):
             logits, _ = self.model(x)
         layer = self.layer
         _, dist = layer.nearest(layer.q)

@@ -53,19 +53,21 @@ from ..data import PAD_ID, TEMPLATES, CharTokenizer, PretrainData, render
 from ..io import jsonable
 from ..tasks import encode_examples
 from ..evaluate import greedy_answers
+from ..adapters.elder import ELDER_PAPER, subject_positions
 
 __all__ = ["EditingConfig", "EDITORS", "make_edit_stream", "run_editing", "format_editing"]
 
-EDITORS = ("elder", "ft_lora", "grace")
+EDITORS = ("elder", "elder_paper", "ft_lora", "grace")  # elder_paper: ELDER at the paper's settings (ELDER_PAPER)
 
 
 @dataclass
 class EditingConfig:
     """Settings of scenario C (one seed, T = 10 and 50, ELDER and FT-LoRA: about 20 s on 2 shared cores with
     OPENBLAS_NUM_THREADS=1; T up to 100: about 35 s). The per-edit budget is the spec's (30 Adam steps at 1e-2, reset
-    per edit) for every method; ELDER's pool (E = 8 rank-4 experts on mlp.c_fc of the last 2 blocks, k = 2),
-    FT-LoRA's parity rank 32 and GRACE's codebook (at ELDER's routing layer, ε = 1) are the adapters' defaults.
-    Extra per-method fields: ``elder`` / ``ft_lora`` / ``grace``."""
+    per edit) for every method; ELDER's routing and pool (the subject key, a centred query, frozen routers, E = 32
+    rank-1 experts on mlp.c_fc of the last 2 blocks, k = 2; docs/elder_routing.md), the paper's ELDER (row
+    ``elder_paper``: ELDER_PAPER), FT-LoRA's parity rank 32 and GRACE's codebook (at ELDER's routing layer, ε = 1)
+    are the adapters' defaults. Extra per-method fields: ``elder`` / ``elder_paper`` / ``ft_lora`` / ``grace``."""
 
     stream_lengths: tuple[int, ...] = (10, 50)
     methods: tuple[str, ...] = EDITORS
@@ -73,6 +75,7 @@ class EditingConfig:
     n_iter: int = 30  # optimisation steps per edit (every method)
     lr: float = 1e-2  # Adam, reset per edit (every method)
     elder: dict = field(default_factory=dict)  # ElderConfig overrides, e.g. {"guide_coef": 0.5}
+    elder_paper: dict = field(default_factory=dict)  # overrides of the elder_paper row (ElderConfig at ELDER_PAPER)
     ft_lora: dict = field(default_factory=dict)  # FTLoraConfig overrides, e.g. {"r": 4, "lora_alpha": 4}
     grace: dict = field(default_factory=dict)  # GraceConfig overrides, e.g. {"epsilon": 2.0}
     first_k: int = 10  # the early edits whose reliability is tracked after the stream
@@ -81,6 +84,7 @@ class EditingConfig:
     n_text_windows: int = 32  # held-out pydoc windows for locality (and as many for calibration)
     text_prompt_len: int = 48
     text_answer_len: int = 16
+    n_query_windows: int = 256  # block_size windows of the base's training text for ELDER's query means μ_t
     thetas: tuple | None = None  # the sweep; None: 2, 4, …, 2k·L_a + 2
 
     def __post_init__(self):
@@ -94,7 +98,7 @@ class EditingConfig:
         if not 0 <= self.new_entity_fraction <= 1:
             raise ValueError(f"EditingConfig.new_entity_fraction must be in [0, 1], got {self.new_entity_fraction}")
         for name in ("n_iter", "first_k", "n_locality_entities", "n_calib_entities", "n_text_windows",
-                     "text_prompt_len", "text_answer_len"):
+                     "text_prompt_len", "text_answer_len", "n_query_windows"):
             value = getattr(self, name)
             if not (isinstance(value, (int, np.integer)) and value >= 1):
                 raise ValueError(f"EditingConfig.{name} must be an int >= 1, got {value!r}")
@@ -137,15 +141,19 @@ def make_edit_stream(kb, n_edits: int, seed: int, new_entity_fraction: float = 0
 
 
 class PromptSet:
-    """Teacher-forced prompts: (prompt, answer) rows → x, y, mask (B, T) and each row's key position."""
+    """Teacher-forced prompts: (prompt, answer) rows → x, y, mask (B, T) and each row's key positions:
+    key_pos (the last prompt character) and subject_pos (the subject's last character; key_pos without one)."""
 
-    def __init__(self, rows, seq_len: int | None = None):
+    def __init__(self, rows, seq_len: int | None = None, subjects: list | None = None):
         self.rows = list(rows)
         if not self.rows:
             raise ValueError("a PromptSet needs at least one row")
         seq_len = seq_len or max(len(p) + len(a) for p, a in self.rows)  # encode_examples adds "\n"
         self.x, self.y, self.mask = encode_examples(self.rows, seq_len)
         self.key_pos = np.array([len(p) - 1 for p, _ in self.rows])  # predicts the first answer character
+        self.subject_pos = self.key_pos if subjects is None else \
+            subject_positions([p for p, _ in self.rows], subjects)
+        self.subjects = [None] * len(self.rows) if subjects is None else list(subjects)
 
     def __len__(self):
         return len(self.rows)
@@ -161,11 +169,36 @@ def _text_set(stream: np.ndarray, n: int, prompt_len: int, answer_len: int, star
     x, y = ids[:, :-1], ids[:, 1:]
     mask = np.zeros(x.shape, dtype=np.float32)
     mask[:, prompt_len - 1:] = 1.0
-    return {"x": x, "y": y, "mask": mask, "key_pos": np.full(n, prompt_len - 1)}
+    key = np.full(n, prompt_len - 1)  # no subject: the last prompt character
+    return {"x": x, "y": y, "mask": mask, "key_pos": key, "subject_pos": key, "subjects": [None] * n}
 
 
 def _fact_rows(entities, city_of) -> list:
     return [render(e, city_of[e], t) for e in entities for t in range(len(TEMPLATES))]
+
+
+def _fact_subjects(entities) -> list:
+    return [e for e in entities for _ in range(len(TEMPLATES))]
+
+
+def uses_subject_key(router) -> bool:
+    """Whether an editor routes from the subject's last character (key_pos="subject_last" or "subject_alone")."""
+    return getattr(getattr(router, "config", None), "key_pos", None) in ("subject_last", "subject_alone")
+
+
+def subject_queries(router, subjects: list):
+    """key_pos="subject_alone": the router's queries (B, d) of the subjects read alone (NaN rows where a row
+    has no subject: those are read in the prompt); None for the other key positions."""
+    if getattr(getattr(router, "config", None), "key_pos", None) != "subject_alone":
+        return None
+    tok = CharTokenizer()
+    named = [i for i, subject in enumerate(subjects) if subject is not None]
+    if not named:
+        return None
+    q = router.subject_queries([tok.encode(subjects[i]) for i in named])
+    out = np.full((len(subjects), q.shape[1]), np.nan)
+    out[named] = q
+    return out
 
 
 # ---- predictions ------------------------------------------------------------------------------------
@@ -192,7 +225,10 @@ class Predictor:
             if previous is not None:
                 cfg.deferral = previous
 
-    def forward(self, x, key_pos):
+    def forward(self, x, key_pos, subject_pos=None, subjects=None):
+        queries = None
+        if uses_subject_key(self.router):
+            key_pos, queries = subject_pos, subject_queries(self.router, subjects or [None] * len(x))
         if self.router is None:
             was = self.model.training
             self.model.eval()
@@ -201,21 +237,26 @@ class Predictor:
             self.model.train(was)
             return logits.data.argmax(-1), None
         with self._always_routed():
-            out = self.router.route(x, key_pos)
+            out = self.router.route(x, key_pos, queries)
         return out["logits"].argmax(-1), out["min_hamming"] if "min_hamming" in out else out["hit"]
 
-    def greedy(self, prompts: list, max_new: int) -> list:
-        """Greedy answers, cut at the newline; the router routes from each prompt's last token."""
+    def greedy(self, prompts: list, max_new: int, subjects: list | None = None) -> list:
+        """Greedy answers, cut at the newline; the router routes from each prompt's last token (or from its
+        subject's last character, key_pos="subject_last")."""
         if self.router is None:
             return greedy_answers(self.model, self.tok, prompts, max_new)
         answers = [""] * len(prompts)
+        subject_key = uses_subject_key(self.router)
+        keys = subject_positions(prompts, subjects) if subject_key else np.array([len(p) - 1 for p in prompts])
+        queries = subject_queries(self.router, subjects) if subject_key else None
         by_len: dict = {}
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
         with self._always_routed():
             for n, members in sorted(by_len.items()):
                 idx = np.stack([self.tok.encode(prompts[i]) for i in members])
-                with self.router.evaluating(), self.router.keys(np.full(len(members), n - 1)):
+                given = None if queries is None else queries[members]
+                with self.router.evaluating(), self.router.keys(keys[members], given):
                     out = self.model.generate(idx, max_new, greedy=True)[:, n:]
                 for i, row in zip(members, out):
                     answers[i] = self.tok.decode(row).split("\n")[0]
@@ -284,9 +325,14 @@ class EditWorld:
         seq_len = max(len(p) + len(a) for p, a in rows)
         if seq_len > base_model.config.block_size:
             raise ValueError(f"fact lines need {seq_len} positions but block_size is {base_model.config.block_size}")
-        self.sets = {"edit": PromptSet(self.edit_rows, seq_len), "gen": PromptSet(gen_rows, seq_len),
-                     "calib_par": PromptSet(calib_par_rows, seq_len), "loc_fact": PromptSet(loc_rows, seq_len),
-                     "calib_fact": PromptSet(calib_fact_rows, seq_len)}
+        self.edit_subjects = [e["entity"] for e in edits]
+        loc_subjects = _fact_subjects(self.world["locality_entities"])
+        calib_subjects = _fact_subjects(self.world["calib_entities"])
+        self.sets = {"edit": PromptSet(self.edit_rows, seq_len, self.edit_subjects),
+                     "gen": PromptSet(gen_rows, seq_len, [edits[i]["entity"] for i in gen_edit]),
+                     "calib_par": PromptSet(calib_par_rows, seq_len, self.edit_subjects),
+                     "loc_fact": PromptSet(loc_rows, seq_len, loc_subjects),
+                     "calib_fact": PromptSet(calib_fact_rows, seq_len, calib_subjects)}
         val = data.streams["val"]
         half = len(val) // 2
         n, lp, la = config.n_text_windows, config.text_prompt_len, config.text_answer_len
@@ -294,16 +340,21 @@ class EditWorld:
                       "calib_text": _text_set(val, n, lp, la, half, len(val))}
         self.max_new = max(len(c) for c in kb.cities) + 2
         self.fact_prompts = {"loc_fact": [p for p, _ in loc_rows], "calib_fact": [p for p, _ in calib_fact_rows]}
+        self.fact_subjects = {"loc_fact": loc_subjects, "calib_fact": calib_subjects}
+        # unlabelled text for ELDER's query mean (query_norm="centred"): pydoc windows of the base's own training
+        # stream, disjoint from every evaluation and calibration set (those are facts and held-out pydoc)
+        L = base_model.config.block_size
+        self.query_text = data.streams["train"][:config.n_query_windows * L].astype(np.int64).reshape(-1, L)
         self.base_out = self.predict_all(Predictor(base_model))
 
     def predict_all(self, pred: Predictor) -> dict:
         out = {}
         for name, s in self.sets.items():
-            out[name] = pred.forward(s.x, s.key_pos)
+            out[name] = pred.forward(s.x, s.key_pos, s.subject_pos, s.subjects)
         for name, s in self.texts.items():
-            out[name] = pred.forward(s["x"], s["key_pos"])
+            out[name] = pred.forward(s["x"], s["key_pos"], s["subject_pos"], s["subjects"])
         for name, prompts in self.fact_prompts.items():
-            out[name + "_greedy"] = pred.greedy(prompts, self.max_new)
+            out[name + "_greedy"] = pred.greedy(prompts, self.max_new, self.fact_subjects[name])
         return out
 
     def metrics_at(self, on: dict, T: int, z_of=None, pick: bool = True) -> dict:
@@ -363,13 +414,14 @@ def make_editor(name: str, config: EditingConfig, T_max: int):
     """The method `name` with the scenario's per-edit budget and its own overrides."""
     from ..adapters import EDIT_METHODS
 
-    per_method = {"elder": config.elder, "ft_lora": config.ft_lora, "grace": config.grace}[name]
+    per_method = {"elder": config.elder, "elder_paper": {**ELDER_PAPER, **config.elder_paper},
+                  "ft_lora": config.ft_lora, "grace": config.grace}[name]
     overrides = {"n_iter": config.n_iter, "lr": config.lr, **per_method}
-    if name in ("elder", "grace"):  # both route from each prompt's key token and keep a table of edits
+    if name != "ft_lora":  # ELDER and GRACE route from each prompt's key token and keep a table of edits
         overrides.setdefault("pad_token_id", PAD_ID)
         # GRACE adds at most one key per edit, so its codebook (and trainable count) is sized to the stream
-        overrides.setdefault("max_edits", max(1024, T_max) if name == "elder" else T_max)
-    return EDIT_METHODS[name](**overrides)
+        overrides.setdefault("max_edits", T_max if name == "grace" else max(1024, T_max))
+    return EDIT_METHODS["elder" if name == "elder_paper" else name](**overrides)
 
 
 def run_editor(name: str, world: EditWorld, base_model, seed: int, progress: bool, say) -> dict:
@@ -382,27 +434,35 @@ def run_editor(name: str, world: EditWorld, base_model, seed: int, progress: boo
     model = copy.deepcopy(base_model)  # the caller's model is never touched
     model.train()
     method.attach(model, seed)
+    if getattr(method.config, "query_norm", "none") == "centred":
+        method.fit_query_mean(world.query_text)
+    subject_key = uses_subject_key(method)
     checkpoints, losses, edit_s = {}, [], 0.0
     bar = tqdm(range(world.T_max), disable=not progress, leave=False, unit="edit", desc=f"{name} edits")
     for i in bar:
         x, y, mask = encode_examples([edit_rows[i]], len(edit_rows[i][0]) + len(edit_rows[i][1]))
         t_edit = time.perf_counter()
-        curve = method.edit(x, y, mask)
+        key, kw = None, {}
+        if subject_key:
+            key = subject_positions([edit_rows[i][0]], [world.edit_subjects[i]])
+            queries = subject_queries(method, [world.edit_subjects[i]])
+            kw = {} if queries is None else {"queries": queries}
+        curve = method.edit(x, y, mask, key_pos=key, **kw)
         edit_s += time.perf_counter() - t_edit
         losses.append({"first": curve[0], "last": curve[-1]})
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
         T = i + 1
         if T not in config.stream_lengths:
             continue
-        on = world.predict_all(Predictor(model, method if name in ("elder", "grace") else None))
-        if name == "elder":
+        on = world.predict_all(Predictor(model, None if name == "ft_lora" else method))
+        if name.startswith("elder"):
             checkpoints[T] = elder_checkpoint(method, on, T, world.metrics_at, config)
         elif name == "grace":  # on[...][1]: whether each row's query hit a key
             checkpoints[T] = {**world.metrics_at(on, T, lambda set_name: on[set_name][1], pick=False),
                               "n_keys": method.n_keys}
         else:
             checkpoints[T] = world.metrics_at(on, T)
-        m = checkpoints[T]["default"] if name == "elder" else checkpoints[T]
+        m = checkpoints[T]["default"] if name.startswith("elder") else checkpoints[T]
         say(f"{name} after {T} edits: reliability {m['reliability']:.2f}, generality {m['generality']:.2f}, "
             f"locality {m['locality']:.2f}, leak {m['leak']:.2f}")
     bar.close()
@@ -465,10 +525,10 @@ def format_editing(doc: dict) -> str:
     lines.append(row("base (no edit)", max(cfg["stream_lengths"]), doc["base"]))
     for name, r in doc["results"].items():
         for T, c in r["by_T"].items():
-            if name == "elder":
-                lines.append(row(f"elder θ={c['default_theta']:g} (default)", int(T), c["default"]))
-                lines.append(row(f"elder θ={c['calibrated_theta']:g} (calibrated)", int(T), c["calibrated"]))
-                lines.append(row("elder, no deferral", int(T), c["no_deferral"]))
+            if name.startswith("elder"):
+                lines.append(row(f"{name} θ={c['default_theta']:g} (default)", int(T), c["default"]))
+                lines.append(row(f"{name} θ={c['calibrated_theta']:g} (calibrated)", int(T), c["calibrated"]))
+                lines.append(row(f"{name}, no deferral", int(T), c["no_deferral"]))
             elif name == "grace":
                 lines.append(row(f"grace ε={r['describe']['config']['epsilon']:g} ({c['n_keys']} keys)", int(T), c))
             else:
@@ -476,9 +536,9 @@ def format_editing(doc: dict) -> str:
     for name, r in doc["results"].items():
         lines.append(f"{name}: {r['trainable_params']:,} trainable parameters, {r['edit_s']:.0f} s editing, "
                      f"{r['wall_s']:.0f} s with evaluation")
-    if "elder" in doc["results"]:
-        for T, c in doc["results"]["elder"]["by_T"].items():
-            lines.append(f"\nELDER after {T} edits: the deferral threshold's trade-off (evaluation sets) and its "
+    for name in [n for n in doc["results"] if n.startswith("elder")]:
+        for T, c in doc["results"][name]["by_T"].items():
+            lines.append(f"\n{name} after {T} edits: the deferral threshold's trade-off (evaluation sets) and its "
                          f"calibration (held-out paraphrases vs unrelated prompts)")
             lines.append(f"  {'θ':>3} {'rel':>5} {'gen':>5} {'loc':>5} {'leak':>5} | {'TPR':>5} {'FPR':>5} {'bal':>5}")
             for s, cal in zip(c["sweep"], c["calibration"]):
