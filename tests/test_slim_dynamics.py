@@ -13,7 +13,9 @@ import pytest
 from tinyslim.adapters import adapter_state_dict
 from tinyslim.data import CharTokenizer
 from tinyslim.experiments.continual import ContinualConfig, build_method, run_continual
-from tinyslim.experiments.slim_dynamics import EARLY_STEPS, Recorder, format_table, main, slim_dynamics
+from tinyslim.adapters.slim import drop_probabilities
+from tinyslim.experiments.slim_dynamics import (EARLY_STEPS, MASK_STUDY, Recorder, format_masks, format_table, main,
+                                                mask_removal, slim_dynamics)
 from tinyslim.nn import GPT, GPTConfig
 from tinyslim.tasks import make_tasks
 
@@ -47,7 +49,11 @@ def test_records_have_every_field_finite_and_start_from_the_b_zero_invariant(bas
         for row in run["records"]:
             assert np.isfinite(row["l1"]) and len(row["layers"]) == 3  # c_attn, c_fc, c_proj of one block
             for layer in row["layers"]:
-                assert all(np.isfinite(v) for v in layer.values())
+                assert all(np.isfinite(v) for k, v in layer.items() if k != "mask_cos")
+                # the masked-vs-unmasked gradient cosine: only with forward masks, and only where there is a batch
+                has_cos = run["config"]["drop_p"] > 0 and row["task_loss"] is not None
+                assert ("mask_cos" in layer) == has_cos, name
+                assert layer.get("mask_cos") is None or -1 - 1e-9 <= layer["mask_cos"] <= 1 + 1e-9
                 assert all(0 <= layer[k] <= 1 for k in ("a_zero", "b_zero", "a_l1_wins", "lora_share") if k in layer)
             assert (row["task_loss"] is None) == (row["step"] == 6)  # the final record has no batch
         first = run["records"][0]
@@ -105,3 +111,39 @@ def test_cli_rejects_an_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         main(["--variants", "spec,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_mask_removal_knows_its_answer_for_one_expert_and_is_zero_at_p_zero(base):
+    """One LoRA expert on every token: dropping B's rows removes exactly p_r of the update's energy in
+    expectation (the rows are disjoint output coordinates), and p = 0 removes nothing."""
+    one = {"n_lora_experts": 1, "n_identity_experts": 0, "top_k": 1, "drop_p": 0.0}
+    runs = slim_dynamics(base, ("no-yield-no-l1-no-masks",), tasks=("rev",), steps=6, seed=100, every=3,
+                         config=CONFIG)
+    assert len(runs["no-yield-no-l1-no-masks"]["mask_removal"]) == 3
+    tasks = make_tasks(CONFIG.tasks, 100, CONFIG.n_train, CONFIG.n_test)
+    method = build_method("slim", CONFIG, one)
+    run_continual(method, tasks, CONFIG, base, 100, progress=False)
+    before = adapter_state_dict(method.model)
+    rows = mask_removal(method, tasks[0], p=0.3, draws=400)
+    p_r, p_c = drop_probabilities(0.3)
+    for row in rows:
+        assert row["lora_share"] == 1.0
+        assert abs(row["out"] - p_r) < 0.03, row  # a statistical tolerance (400 draws)
+        assert 0 < row["in"] and 0 < row["both"] < 1
+    for row in mask_removal(method, tasks[0], p=0.0, draws=3):
+        assert row["in"] == row["out"] == row["both"] == 0.0
+    after = adapter_state_dict(method.model)  # measuring changes nothing
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(layer.in_mask is None and layer._cache is None for layer in method.layers())
+
+
+def test_the_mask_study_variants_add_masks_to_the_tuned_setting_and_tabulate(base):
+    assert MASK_STUDY[0] == "g0.5-no-masks" and len(MASK_STUDY) == 7
+    runs = slim_dynamics(base, ("g0.5-masks", "g0.5-masks-update"), tasks=("rev",), steps=4, seed=100, every=2,
+                         config=CONFIG)
+    assert runs["g0.5-masks"]["config"]["gamma"] == 0.5 and runs["g0.5-masks"]["config"]["drop_p"] == 0.3
+    assert runs["g0.5-masks-update"]["config"]["mask_mode"] == "update"
+    # update masks leave the forward pass unmasked: no masked-vs-unmasked cosine to record
+    assert not any("mask_cos" in layer for row in runs["g0.5-masks-update"]["records"] for layer in row["layers"])
+    table = format_masks(runs)
+    assert len(table.splitlines()) == 3 and "g0.5-masks-update" in table
