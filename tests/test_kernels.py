@@ -576,6 +576,21 @@ def test_kernel_versions_by_name(monkeypatch):
         assert "\n" not in str(info.value) and ("version" in str(info.value) or "unknown backend" in str(info.value))
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("form", ["dense", "topk", "index"])
+def test_long_sums_are_blocked_correctly(backend, form):
+    """D and O longer than the C kernel's inner block (128), ragged, with ranks on both micro-kernels."""
+    rng = np.random.default_rng(11)
+    for r, E in ((3, 2), (12, 3)):
+        N, D, O = 70, 300, 261
+        prob = dict(x=rng.standard_normal((N, D)), A=rng.standard_normal((E, r, D)), B=rng.standard_normal((E, O, r)),
+                    gates=make_gates(rng, form, N, E, np.float64), scale=rng.uniform(0.5, 2, E),
+                    in_mask=(rng.random((E, D)) < 0.7).astype(np.float64), out_mask=None,
+                    dy=rng.standard_normal((N, O)))
+        for name, got, want in zip(NAMES, run(prob, backend), run(prob, "numpy")):
+            check(f"{name} r={r}", got, want, TOL[np.float64])
+
+
 @CPU
 def test_num_threads_roundtrip():
     before = kernels.get_num_threads()
