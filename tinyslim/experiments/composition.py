@@ -6,7 +6,8 @@
                  runner, ``run_continual`` with a one-task sequence); then frozen
     2. compose   lora_sum   W = W0 + Σ_i s_i B_i A_i                     (nothing trains)
                  nla        W = W0 + (1/K) Σ_i s_i B_i A_i               (nothing trains)
-                 mole       per-layer gates G = softmax(eᵀ LN([u_1; …; u_K]) / τ), L = CE + 0.5·L_bal
+                 mole       per-layer gates G = softmax(eᵀ LN([u_1; …; u_K]) / τ), L = CE + 0.5·L_bal,
+                            U averaged over the line's prefix up to each token (gate_pool="prefix")
                  mole_nobal the same gates trained with CE only (balance_coef = 0)
                  MoLE trains only (e, ρ), on a small mixed set: the first ``mix_fraction`` of every
                  task's training split, shuffled together (Adam, reset once, linear decay).
@@ -45,9 +46,8 @@ COMPOSERS = ("lora_sum", "nla", "mole", "mole_nobal")  # the rows of the table, 
 
 @dataclass
 class CompositionConfig:
-    """Settings of scenario B (one seed ≈ 100 s on 2 shared cores with OPENBLAS_NUM_THREADS=1). How the
-    defaults were chosen (the source budget, the MoLE gate lr, one gate per sequence):
-    docs/experiments.md, "Calibration notes"."""
+    """Settings of scenario B. How the defaults were chosen (the source budget, the MoLE gate lr):
+    docs/experiments.md, "Calibration notes"; the gate's pooling and step count: docs/mole_gates.md."""
 
     tasks: tuple[str, ...] = ("rev", "cap", "sft")  # K = 3 single-task LoRAs
     # the source LoRAs (scenario A's adapter shape)
@@ -61,7 +61,7 @@ class CompositionConfig:
     n_test: int = 200
     # MoLE gates
     mix_fraction: float = 0.1
-    mole_steps: int = 300
+    mole_steps: int = 600  # 200 left the gates half-trained (docs/mole_gates.md)
     mole_batch_size: int = 12
     mole_lr: float = 1e-3
     mole_lr_schedule: str = "linear"
@@ -69,7 +69,7 @@ class CompositionConfig:
     balance_coef: float = 0.5  # the "mole" row; "mole_nobal" uses 0
     tau_init: float = 1.0
     gate_granularity: str = "token"  # MoleConfig variants: "layer" (one gate per block)
-    gate_pool: str = "sequence"  # one gate per sequence from the mean-pooled U; "token": the spec's per-token default
+    gate_pool: str = "prefix"  # token t: mean U over tokens <= t, the gate decoding sees (docs/mole_gates.md)
     grad_clip: float | None = 1.0
     # general capability
     eval_batches: int = 4
