@@ -402,7 +402,10 @@ def rel_err(got, want):
 
 
 # ---- one CPU shape -------------------------------------------------------------------------------------
-def run_cpu_case(case: Case, roofs: dict, runs: int, warmup: int, rng) -> dict:
+VERSION_WORK_LIMIT = 50e6  # multiply-adds: older (slower) kernel versions are timed only below this
+
+
+def run_cpu_case(case: Case, roofs: dict, runs: int, warmup: int, rng, versions=False) -> dict:
     d = make_data(case, rng)
     args = dict(A=d["A"], B=d["B"], gates=d["gates"], scale=d["scale"])
     d64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in d.items()}
@@ -413,12 +416,24 @@ def run_cpu_case(case: Case, roofs: dict, runs: int, warmup: int, rng) -> dict:
     ext_fwd = lambda x, dy: kernels.forward(x, **args, backend="cpu")  # noqa: E731
     ext_bwd = lambda x, dy: kernels.backward(dy, x, **args, backend="cpu")  # noqa: E731
     paths = {"ext": (ext_fwd, ext_bwd)}
+    work = case.N * case.active * case.r * (case.D + case.O)
+    if versions and work <= VERSION_WORK_LIMIT:  # every older kernel version, validated and timed like the rest
+        from tinyslim.kernels import cpu
+        for v in sorted(cpu.VERSIONS):
+            if v != cpu.LATEST:
+                paths[f"ext.v{v}"] = (lambda x, dy, _b=f"cpu.v{v}": kernels.forward(x, **args, backend=_b),
+                                      lambda x, dy, _b=f"cpu.v{v}": kernels.backward(dy, x, **args, backend=_b))
     paths.update(numpy_baselines(case, d))
     errors = {}
     for name, (f, b) in paths.items():
         y, grads = f(d["x"], d["dy"]), b(d["x"], d["dy"])
         errors[name] = {k: rel_err(v, w) for k, v, w in zip(("y", "dx", "dA", "dB", "dgate"), (y,) + tuple(grads),
                                                               (want_y,) + tuple(want_g))}
+    for name in [n for n in paths if n.startswith("ext")]:  # a kernel that is wrong is not timed
+        worst = max((e for e in errors[name].values() if e is not None), default=0.0)
+        if worst > 1e-3:
+            print(f"{case.name}: {name} is NOT timed: its relative error against the float64 reference is {worst:.1e}")
+            del paths[name]
     pool = make_pool(d)
     calls = {}
     for name, (f, b) in paths.items():
@@ -458,11 +473,12 @@ def rescore(row: dict, roofs: dict):
     for direction, F, nbytes in (("fwd", ff, fb), ("bwd", bf, bb)):
         t = times["ext"][direction][STAT]
         t_flop, t_mem = F / (roofs["peak_gflops"] * 1e9), nbytes / (roofs["bw_gbs"] * 1e9)
-        base = {n: times[n][direction][STAT] / t for n in times if n != "ext"}
+        base = {n: times[n][direction][STAT] / t for n in times if not n.startswith("ext")}
+        versions = {n: times[n][direction][STAT] / t for n in times if n.startswith("ext.v")}
         row[direction] = dict(ms=t * 1e3, p10=times["ext"][direction]["p10"] * 1e3,
                               p90=times["ext"][direction]["p90"] * 1e3, gflops=F / t / 1e9, gbs=nbytes / t / 1e9,
                               bound="compute" if t_flop >= t_mem else "memory",
-                              roof_pct=100 * max(t_flop, t_mem) / t, speedup=base,
+                              roof_pct=100 * max(t_flop, t_mem) / t, speedup=base, versions=versions,
                               best=min(base.values()) if base else None,
                               best_name=min(base, key=base.get) if base else None)
 
@@ -475,7 +491,8 @@ def print_row(row, baselines):
         err = max((e for e in row["errors"]["ext"].values() if e is not None), default=0.0)
         print(f"{row['name']:<40} {direction} {r['ms']:9.3f} ({r['p10']:8.3f}-{r['p90']:8.3f}) "
               f"{r['gflops']:7.1f} {r['gbs']:6.1f} {r['bound']:>7} {r['roof_pct']:5.1f}% | {cols} | "
-              f"{(r['best'] or 0):5.2f}x {err:8.1e}", flush=True)
+              f"{(r['best'] or 0):5.2f}x {err:8.1e}"
+              + "".join(f" | {n[4:]} {v:.1f}x" for n, v in r.get("versions", {}).items()), flush=True)
 
 
 def geomean(values):
@@ -656,6 +673,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="the time each row and ratio uses (min: the fastest of the interleaved calls, for a busy "
                              "machine)")
+    parser.add_argument("--versions", action="store_true",
+                        help="also check and time the older versions of the C kernel (cpu.v1 …) on shapes up to "
+                             f"{VERSION_WORK_LIMIT:.0e} multiply-adds; printed as how many times faster the newest is")
     parser.add_argument("--group", choices=("all", "workload", "standard"), default="all",
                         help="the workload group (the tiny GPT's own shapes), the standard sweep, or both")
     args = parser.parse_args(argv)
@@ -706,7 +726,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               + " ".join(f"{b[:6]:>6}" for b in baselines) + " |  best   max err")
         print(f"{'':<40}     speed-up of the extension over each baseline (× faster), '-' = not run for this shape")
         for case in cases:
-            row = run_cpu_case(case, roofs, max(args.runs, 1), args.warmup, rng)
+            row = run_cpu_case(case, roofs, max(args.runs, 1), args.warmup, rng, args.versions)
             row["group"] = group
             print_row(row, baselines)
             rows.append(row)
@@ -730,7 +750,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rescore(row, best)
     roofs = dict(best, start=roofs, end=end, extra=extra)
     print(f"roofs used (the best measured): {best['peak_gflops']:.0f} GFLOP/s, {best['bw_gbs']:.1f} GB/s")
-    summary = {group: summarise([r for r in rows if r["group"] == group], group) for group in groups}
+    summary = {group: summarise([r for r in rows if r["group"] == group], group) for group in groups
+               if any(r["group"] == group for r in rows)}
     for group, summ in summary.items():
         print_summary(summ, f"{group} group, CPU extension, float32, threads: {thread_note}")
     bad = {n: e for row in rows for n, errs in row["errors"].items() for e in errs.values() if e and e > 1e-3}
