@@ -252,6 +252,27 @@ def _frontier_doc(results: dict, methods: list[str], factors, seeds: list[int], 
             "kept": "top-1 agreement with the base model on held-out pydoc text after the last task"}
 
 
+def _suite_jobs(configs, scenarios, seeds, continual_methods, factors, overrides, replay_overrides, lr_of, slim_like,
+                inline: bool) -> list[Job]:
+    """One Job per independent run of the suite (a scenario-A row, learning rate and seed; a replay-study
+    method and seed; a seed of B or C; a chain length and seed)."""
+    chain = configs["chain"]
+    jobs = [Job(f"composition seed {seed}", composition_job, (configs["composition"], seed, inline))
+            for seed in seeds if "composition" in scenarios]
+    jobs += [Job(_continual_label(m, f, seed), continual_job,
+                 (m, configs["continual"], seed, overrides.get(m), m in slim_like and f == 1.0, inline, lr_of[m] * f))
+             for seed in seeds for m in continual_methods for f in factors
+             if "continual" in scenarios and (f == 1.0 or m not in FRONTIER_SKIP)]
+    jobs += [Job(f"replay {m} seed {seed}", continual_job,
+                 (m, configs["replay"], seed, replay_overrides[m], False, inline, lr_of[m]))
+             for seed in seeds for m in REPLAY_METHODS if "replay" in scenarios]
+    jobs += [Job(f"editing seed {seed}", editing_job, (configs["editing"], seed, inline))
+             for seed in seeds if "editing" in scenarios]
+    jobs += [Job(f"chain m={m} seed {seed}", chain_job, (chain, m, seed, inline))
+             for seed in seeds for m in chain["links"] if "chain" in scenarios]
+    return jobs
+
+
 def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, progress: bool = True,
               log=print, methods: list[str] | None = None, workers: int = 1, frontier: bool = True) -> dict:
     """Every scenario in `scenarios` for every seed; the report's data (see the module docstring).
@@ -284,24 +305,11 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         log(f"warning: seed(s) {tuned_on} are tuning seeds: the settings were chosen on them, so claims judged "
             "on them are not evidence")
     inline = progress and workers == 1  # per-step progress bars only when the runs are in this process
-    chain = configs["chain"]
 
-    # the longest runs first, so that the last worker to finish is not left with a long one
-    jobs = [Job(f"composition seed {seed}", composition_job, (configs["composition"], seed, inline))
-            for seed in seeds if "composition" in scenarios]
-    jobs += [Job(_continual_label(m, f, seed), continual_job,
-                 (m, configs["continual"], seed, overrides.get(m), m in slim_like and f == 1.0, inline, lr_of[m] * f))
-             for seed in seeds for m in continual_methods for f in factors
-             if "continual" in scenarios and (f == 1.0 or m not in FRONTIER_SKIP)]
     replay_overrides = {m: {**overrides.get(m, {}), "buffer_size": configs["replay_buffer"]} for m in REPLAY_METHODS}
-    jobs += [Job(f"replay {m} seed {seed}", continual_job,
-                 (m, configs["replay"], seed, replay_overrides[m], False, inline, lr_of[m]))
-             for seed in seeds for m in REPLAY_METHODS if "replay" in scenarios]
-    jobs += [Job(f"editing seed {seed}", editing_job, (configs["editing"], seed, inline))
-             for seed in seeds if "editing" in scenarios]
-    jobs += [Job(f"chain m={m} seed {seed}", chain_job, (chain, m, seed, inline))
-             for seed in seeds for m in chain["links"] if "chain" in scenarios]
-    if workers > 1:
+    jobs = _suite_jobs(configs, scenarios, seeds, continual_methods, factors, overrides, replay_overrides, lr_of,
+                       slim_like, inline)
+    if workers > 1:  # the longest runs first, so that the last worker to finish is not left with a long one
         jobs.sort(key=lambda j: j.label.startswith(("composition", "continual", "replay")), reverse=True)  # stable
     log(f"{len(jobs)} runs on {min(workers, len(jobs))} worker(s)")
     t_suite = time.perf_counter()
@@ -326,7 +334,7 @@ def run_suite(base_model, size: str = "quick", seeds=(0,), scenarios=SCENARIOS, 
         doc["replay"] = {**methods_doc(configs["replay"], seeds, replay_overrides, per_method),
                          "buffer_size": configs["replay_buffer"], "lr": {m: lr_of[m] for m in REPLAY_METHODS}}
     if "chain" in scenarios:
-        rows = {}
+        chain, rows = configs["chain"], {}
         for m in chain["links"]:
             runs = [results[f"chain m={m} seed {seed}"] for seed in seeds]
             rows[str(m)] = {"runs": runs, **{k: metrics.mean_std([r[k] for r in runs]) for k in ("acc", "final_loss")}}
