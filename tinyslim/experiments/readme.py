@@ -29,8 +29,11 @@ _BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) from (?P<path>\S+) -->\n
 
 def _header(doc: dict) -> str:
     t = doc["timings"]["total (wall)"]
+    updates = "".join(f" Re-run in place: {', '.join(u['scenarios'])}, by `{u['command']}` ({u['wall_s'] / 60:.0f} min)."
+                      for u in doc.get("updates", []))
     return (f"Made by `{doc['command']}` ({t / 60:.0f} min wall on {doc['workers']} worker processes); reported seeds "
-            f"{', '.join(map(str, doc['seeds']))}, tuning seeds {', '.join(map(str, doc.get('tuning_seeds') or ['none']))}.")
+            f"{', '.join(map(str, doc['seeds']))}, tuning seeds {', '.join(map(str, doc.get('tuning_seeds') or ['none']))}."
+            + updates)
 
 
 def _continual_table(doc: dict) -> str:
