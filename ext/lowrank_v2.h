@@ -178,8 +178,8 @@ ALWAYS_INLINE void axpy_tile(const int mr, const int nv, real *const *out, const
 /* P: scratch of na·nb reals. Wide outputs (≥ 4 vectors) pack the coefficients once and sweep panels of
  * 4 vectors (the In panel stays in L1 while the row tiles pass). Narrow outputs (the rank side, 1–3
  * vectors) read the coefficient rows in place: packing them would cost a transpose of x per call. */
-static void axpys_block(int64_t na, int64_t nb, int64_t L, real *const *Out, const real *const *In,
-                        const real *const *Crow, int64_t cb, real *P, int overwrite) {
+static void axpys(int64_t na, int64_t nb, int64_t L, real *const *Out, const real *const *In,
+                     const real *const *Crow, int64_t cb, real *P, int overwrite) {
     int64_t o = 0, skip = 0;
     if (L >= 4 * VL) {
         int64_t a = 0; /* pack: tiles of 4 rows interleaved, then single rows */
@@ -206,26 +206,6 @@ static void axpys_block(int64_t na, int64_t nb, int64_t L, real *const *Out, con
             Out[a][o] = s;
         }
 }
-/* The sum over b in blocks of KC (as a GEMM blocks its inner dimension): the In rows of one block stay
- * in L1 while every row tile passes over them, however long the sum (D = 1024 rows of In would not).
- * The first block stores (if overwrite), the others add. */
-#define KC 128
-#define MAX_ROWS 1024
-
-static void axpys(int64_t na, int64_t nb, int64_t L, real *const *Out, const real *const *In,
-                  const real *const *Crow, int64_t cb, real *P, int overwrite) {
-    if (nb <= KC || na > MAX_ROWS) {
-        axpys_block(na, nb, L, Out, In, Crow, cb, P, overwrite);
-        return;
-    }
-    const real *crow[MAX_ROWS];
-    for (int64_t k0 = 0; k0 < nb; k0 += KC) {
-        for (int64_t a = 0; a < na; a++) crow[a] = Crow[a] + k0 * cb;
-        axpys_block(na, min64(KC, nb - k0), L, Out, In + k0, crow, cb, P, overwrite && k0 == 0);
-    }
-}
-#undef KC
-#undef MAX_ROWS
 #undef TILE
 #undef ROWS
 
