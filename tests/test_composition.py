@@ -145,6 +145,8 @@ def test_the_config_rejects_bad_settings():
         CompositionConfig(tasks=("rev",))
     with pytest.raises(ValueError, match="mix_fraction"):
         CompositionConfig(mix_fraction=0)
+    with pytest.raises(ValueError, match="mole_warmup_steps"):
+        CompositionConfig(mole_steps=10, mole_warmup_steps=10)
 
 
 def test_cli_run_composition_writes_json_with_every_method(tmp_path):

@@ -65,6 +65,7 @@ class CompositionConfig:
     mole_batch_size: int = 12
     mole_lr: float = 1e-3
     mole_lr_schedule: str = "linear"
+    mole_warmup_steps: int = 0  # linear warm-up of the gate lr over the first steps
     mole_balanced_batches: bool = False  # True: every gate batch holds mole_batch_size / K lines of each task
     balance_coef: float = 0.5  # the "mole" row; "mole_nobal" uses 0
     tau_init: float = 1.0
@@ -86,6 +87,10 @@ class CompositionConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, np.integer)) and value >= 1):
                 raise ValueError(f"CompositionConfig.{name} must be an int >= 1, got {value!r}")
+        warmup = self.mole_warmup_steps
+        if not (isinstance(warmup, (int, np.integer)) and 0 <= warmup < self.mole_steps):
+            raise ValueError(f"CompositionConfig.mole_warmup_steps must be an int in [0, mole_steps), "
+                             f"got {self.mole_warmup_steps!r}")
         if not 0 < self.mix_fraction <= 1:
             raise ValueError(f"CompositionConfig.mix_fraction must be in (0, 1], got {self.mix_fraction}")
         unknown = sorted(set(self.methods) - set(COMPOSERS))
@@ -157,7 +162,7 @@ def train_mole(mole, arrays, config: CompositionConfig, seed: int, progress: boo
     losses = []
     bar = tqdm(range(config.mole_steps), disable=not progress, leave=False, unit="step", desc=f"{label} gates")
     for step in bar:
-        opt.lr = schedule(step, config.mole_steps, config.mole_lr, 0)
+        opt.lr = schedule(step, config.mole_steps, config.mole_lr, config.mole_warmup_steps)
         rows = _batch_rows(rng, sizes, config.mole_batch_size, balanced)
         loss = mole.loss(*(a[rows] for a in arrays), rng=drop_rng)
         opt.zero_grad()
