@@ -243,7 +243,9 @@ def test_claims_of_scenarios_b_c_and_cola_follow_the_numbers():
         return {"config": {"first_k": 10}, "results": {
             "elder": {"by_T": {"10": {"calibrated": edit(1, 1, 1, 1)}, "50": {"calibrated": edit(.5 + e, .3, .97 + e / 10, .4)}}},
             "ft_lora": {"by_T": {"10": edit(.5, .1, .2, .6 + e), "50": edit(.4, .1 + e, .1, .2)}},
-            "grace": {"by_T": {"10": edit(1, 0, 1, 1), "50": edit(.3, .3 + 2 * e, .99, .3)}}}}
+            "grace": {"by_T": {"10": edit(1, 0, 1, 1), "50": edit(.3, .3 + 2 * e, .99, .3)}},
+            "elder_paper": {"by_T": {"10": {"calibrated": edit(.1, .1, .1, .1)},
+                                     "50": {"calibrated": edit(.1, .1, .05 + e, .1)}}}}}
 
     wiggle = [0.01, -0.01, 0.02, -0.02, 0.0]
     editing = {"runs": [seed(e) for e in wiggle]}
@@ -266,6 +268,7 @@ def test_claims_of_scenarios_b_c_and_cola_follow_the_numbers():
         "ELDER keeps edits reliable ove": "contradicted", "ELDER leaves unrelated prompts": "supported",
         "ELDER generalises edits to oth": "supported", "ELDER generalises edits better": "inconclusive",
         "FT-LoRA's reliability on early": "supported", "a GRACE-like codebook keeps un": "supported",
+        "ELDER's routing keeps unrelate": "supported",
     }
     toy = {c["claim"][:30]: c["toy"] for c in claims}
     assert "GRACE-like" in toy["ELDER generalises edits better"] and "FT-LoRA" in toy["ELDER generalises edits to oth"]

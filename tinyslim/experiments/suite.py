@@ -62,7 +62,7 @@ SIZES = {
         "replay": dict(tasks=("rot", "srt", "rev", "cap", "sft"), steps=600, n_test=100, eval_batches=2),
         "replay_buffer": 200,
         "chain": dict(task="srt", rank=1, steps=800, links=(1, 2, 3), n_test=100),
-        "composition": dict(tasks=("rev", "cap", "sft"), source_steps=600, mole_steps=200, n_test=100,
+        "composition": dict(tasks=("rev", "cap", "sft"), source_steps=600, mole_steps=600, n_test=100,
                             eval_batches=2),
         "editing": dict(stream_lengths=(10, 50)),
     },
@@ -89,7 +89,7 @@ SIZES = {
         "composition": dict(tasks=("rev", "cap"), source_steps=6, mole_steps=4, n_train=64, n_test=8,
                             eval_batches=1, eval_batch_size=4, fact_recall=False),
         "editing": dict(stream_lengths=(2, 4), n_iter=2, n_locality_entities=4, n_calib_entities=3,
-                        n_text_windows=4),
+                        n_text_windows=4, n_query_windows=16),
     },
 }
 
