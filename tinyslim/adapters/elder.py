@@ -66,7 +66,7 @@ from ..autograd import Tensor, no_grad
 from ..lowrank import mixture_lowrank
 from ..nn import Linear, Parameter
 from .base import AdaptedLinear, Streams
-from .ft_lora import LR_SCHEDULES, EditingMethod
+from .ft_lora import LR_SCHEDULES, EditingMethod, subject_batch
 
 __all__ = ["ElderConfig", "ElderLinear", "QueryTap", "ElderRouting", "Elder", "key_positions", "subject_positions",
            "ELDER_PAPER"]
@@ -498,12 +498,7 @@ class Elder(EditingMethod):
         each subject's last token with the subject alone as the context (ROME's context-free subject key, without the random
         prefixes ROME averages over). subjects: B token-id sequences (a causal model ignores the right padding)."""
         self._check_attached()
-        lengths = np.array([len(s) for s in subjects])
-        if len(subjects) == 0 or lengths.min() < 1:
-            raise ValueError("subject_queries needs at least one non-empty subject")
-        ids = np.zeros((len(subjects), lengths.max()), dtype=np.int64)
-        for row, s in zip(ids, subjects):
-            row[:len(s)] = s
+        ids, lengths = subject_batch(subjects)
         self.routing.probe = True
         try:
             with self.evaluating(), self.keys(lengths - 1):
@@ -511,14 +506,6 @@ class Elder(EditingMethod):
             return self.routing.q.copy()
         finally:
             self.routing.probe = False
-
-    def edit(self, x, y, mask, rng=None, key_pos=None, queries=None) -> list:
-        """EditingMethod.edit, plus the queries (B, d_q) that key_pos="subject_alone" routes from."""
-        self.edit_queries = None if queries is None else np.asarray(queries)
-        try:
-            return super().edit(x, y, mask, rng, key_pos)
-        finally:
-            self.edit_queries = None
 
     def route(self, x, key_pos=None, queries=None) -> dict:
         """One evaluation forward of x (B, T): {"logits", "z" (B,), "min_hamming" (B,)}."""

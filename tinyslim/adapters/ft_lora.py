@@ -33,7 +33,7 @@ from ..optim import Adam
 from .base import Method
 from .lora import LoraConfig
 
-__all__ = ["FTLoraConfig", "EditingMethod", "FTLoRA", "last_block_targets"]
+__all__ = ["FTLoraConfig", "EditingMethod", "FTLoRA", "last_block_targets", "subject_batch"]
 
 LR_SCHEDULES = ("constant", "step")
 
@@ -56,6 +56,7 @@ class EditingMethod(Method):
         self.optimizer = Adam(self.param_groups(), lr=self.config.lr)  # edit()'s own, reset per edit
         self.edits_done = 0
         self.edit_key_pos = None  # edit()'s key positions while it runs
+        self.edit_queries = None  # and the keys it was given (key_pos="subject_alone")
 
     def after_attach(self, model) -> None:
         """Set-up that needs the injected layers (ELDER's routers), before the optimizer is made."""
@@ -68,13 +69,15 @@ class EditingMethod(Method):
         cfg = self.config
         return cfg.lr * (0.5 ** (iteration // 20) if cfg.lr_schedule == "step" else 1.0)
 
-    def edit(self, x, y, mask, rng=None, key_pos=None) -> list:
+    def edit(self, x, y, mask, rng=None, key_pos=None, queries=None) -> list:
         """One edit (B rows = B facts edited together): reset Adam, n_iter steps, store. Returns the losses.
         key_pos (B,): each row's key token for the methods that route from one (ELDER, GRACE; needed with
-        key_pos="subject_last", see ``subject_positions``); None: the config's key_pos rule."""
+        key_pos="subject_last", see ``subject_positions``); None: the config's key_pos rule. queries (B, d):
+        the keys those methods route from with key_pos="subject_alone" (their ``subject_queries``)."""
         self._check_attached()
         cfg, opt = self.config, self.optimizer
         self.edit_key_pos = None if key_pos is None else np.asarray(key_pos)
+        self.edit_queries = None if queries is None else np.asarray(queries)
         self.before_task(self.edits_done, cfg.n_iter, opt)  # resets Adam
         losses = []
         try:
@@ -89,9 +92,21 @@ class EditingMethod(Method):
                 losses.append(loss.item())
             self.after_task(self.edits_done)
         finally:
-            self.edit_key_pos = None
+            self.edit_key_pos = self.edit_queries = None
         self.edits_done += 1
         return losses
+
+
+def subject_batch(subjects: list) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id subjects as one right-padded batch (B, max length) and their lengths (B,): the input of the
+    routing methods' ``subject_queries`` (a causal model ignores the right padding)."""
+    lengths = np.array([len(s) for s in subjects])
+    if len(subjects) == 0 or lengths.min() < 1:
+        raise ValueError("subject_queries needs at least one non-empty subject")
+    ids = np.zeros((len(subjects), lengths.max()), dtype=np.int64)
+    for row, s in zip(ids, subjects):
+        row[:len(s)] = s
+    return ids, lengths
 
 
 @dataclass

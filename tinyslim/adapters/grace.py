@@ -51,7 +51,7 @@ from ..autograd import Function, Tensor
 from ..nn import Linear, Parameter
 from .base import AdaptedLinear, Streams
 from .elder import KEY_POS, key_positions
-from .ft_lora import LR_SCHEDULES, EditingMethod, last_block_targets
+from .ft_lora import LR_SCHEDULES, EditingMethod, subject_batch, last_block_targets
 
 __all__ = ["GraceConfig", "GraceLinear", "Grace", "ReplaceAt", "replace_at"]
 
@@ -305,12 +305,7 @@ class Grace(EditingMethod):
         """Queries (B, D) of key_pos="subject_alone": the layer's input at each subject's last token with the
         subject alone as the context (as ELDER's). subjects: B token-id sequences."""
         self._check_attached()
-        lengths = np.array([len(s) for s in subjects])
-        if len(subjects) == 0 or lengths.min() < 1:
-            raise ValueError("subject_queries needs at least one non-empty subject")
-        ids = np.zeros((len(subjects), lengths.max()), dtype=np.int64)
-        for row, s in zip(ids, subjects):
-            row[:len(s)] = s
+        ids, lengths = subject_batch(subjects)
         layer = self.layer
         layer.probe = True
         try:
@@ -319,14 +314,6 @@ class Grace(EditingMethod):
             return layer.q.copy()
         finally:
             layer.probe = False
-
-    def edit(self, x, y, mask, rng=None, key_pos=None, queries=None) -> list:
-        """EditingMethod.edit, plus the queries (B, D) that key_pos="subject_alone" keys from."""
-        self.edit_queries = None if queries is None else np.asarray(queries)
-        try:
-            return super().edit(x, y, mask, rng, key_pos)
-        finally:
-            self.edit_queries = None
 
     def route(self, x, key_pos=None, queries=None) -> dict:
         """One evaluation forward of x (B, T): {"logits", "hit" (B,) bool, "slot" (B,), "distance" (B,)}:
