@@ -305,8 +305,8 @@ if not FAST:
 # seed by looking at ER alone (docs/evidence.md, "The replay study"); here it runs on seed 0, with
 # the suite's own configuration. The committed five-seed report ran the same configuration with an
 # earlier build of the C kernel, whose sums round differently; a few thousand steps turn those last
-# bits into a point or so per seed (seed 0's ER: 87.2 there, 87.8 with today's kernel; README,
-# "Determinism").
+# bits into a point or so per seed (seed 0's ER: 87.2 there, 85.6 with today's kernel in the demo's
+# report; README, "Determinism").
 
 # %%
 from tinyslim.experiments.suite import suite_configs  # noqa: E402
