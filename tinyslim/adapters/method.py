@@ -64,20 +64,38 @@ class Method:
             raise RuntimeError(f"{self.name}: attach() was already called; make a new method for another model")
         self.model = model
         self.streams = Streams(seed)
-        model.freeze()
-        self.adapted = inject(model, self.config, self.streams)
-        mark_only_adapters_trainable(model)
+        self.adapted = self._inject(model)
 
     def layers(self) -> list:
         """The adapted layers, in model order."""
         self._check_attached()
-        return [layer for _, layer in adapted_layers(self.model)]
+        return [layer for _, layer in self._adapted_layers()]
 
     def trainable_parameters(self) -> list:
         """What the runner's optimizer trains. The objects stay the same for the whole run (knots and
         re-initialisations write into them in place)."""
         self._check_attached()
         return self.model.parameters(trainable_only=True)
+
+    # ---- the engine: the NumPy one here; tinyslim.torch.TorchMethod overrides these -------------------
+    def _inject(self, model) -> list:
+        """Freeze the model, wrap the targeted layers, let only the adapters train; the adapted names."""
+        model.freeze()
+        names = inject(model, self.config, self.streams)
+        mark_only_adapters_trainable(model)
+        return names
+
+    def _adapted_layers(self) -> list:
+        return adapted_layers(self.model)
+
+    def _no_grad(self):
+        return no_grad()
+
+    def _adapter_arrays(self) -> dict:
+        return adapter_state_dict(self.model)
+
+    def _load_adapter_arrays(self, arrays: dict) -> None:
+        load_adapter_state_dict(self.model, arrays)
 
     # ---- training hooks ----------------------------------------------------------------------------
     def before_task(self, task_id: int, steps: int, optimizer) -> None:
@@ -120,7 +138,7 @@ class Method:
         previous = self._set_learner(learner)
         self.model.eval()
         try:
-            with no_grad():
+            with self._no_grad():
                 yield self.model
         finally:
             self._set_learner(previous)
@@ -133,7 +151,7 @@ class Method:
         stream. ``meta`` is JSON-serialisable. Methods with more state (a replay buffer, step counters,
         tied knots) extend both dicts; the optimizer's state is the runner's."""
         self._check_attached()
-        arrays = {f"adapter.{k}": v for k, v in adapter_state_dict(self.model).items()}
+        arrays = {f"adapter.{k}": v for k, v in self._adapter_arrays().items()}
         meta = {"method": self.name, "task_id": int(self.task_id), "streams": self.streams.state_dict()}
         return arrays, meta
 
@@ -143,8 +161,7 @@ class Method:
         self._check_attached()
         if meta.get("method") != self.name:
             raise ValueError(f"{self.name}: the state was saved from method {meta.get('method')!r}")
-        load_adapter_state_dict(self.model, {k[len("adapter."):]: v for k, v in arrays.items()
-                                             if k.startswith("adapter.")})
+        self._load_adapter_arrays({k[len("adapter."):]: v for k, v in arrays.items() if k.startswith("adapter.")})
         self.task_id = int(meta["task_id"])
         self.streams.load_state_dict(meta["streams"])
 
@@ -153,7 +170,7 @@ class Method:
         out = {"name": self.name, "config": dataclasses.asdict(self.config)}
         if self.model is not None:
             out["adapted_modules"] = list(self.adapted)
-            out["trainable_parameters"] = int(sum(p.size for p in self.trainable_parameters()))
+            out["trainable_parameters"] = int(sum(int(np.prod(p.shape)) for p in self.trainable_parameters()))
         return out
 
     def _check_attached(self):

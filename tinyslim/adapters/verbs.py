@@ -235,8 +235,9 @@ def merge_and_unload(model: GPT) -> GPT:
 class AdapterSwitch:
     """Sets every adapted layer's ``disabled`` flag; as a context manager, restores the old flags on exit."""
 
-    def __init__(self, model: Module, disabled: bool):
-        self.layers = [layer for _, layer in adapted_layers(model)]
+    def __init__(self, model: Module, disabled: bool, layers: list | None = None):
+        # `layers`: the adapted layers when the caller finds them itself (the torch path's modules)
+        self.layers = [layer for _, layer in adapted_layers(model)] if layers is None else list(layers)
         if disabled and any(layer.merged for layer in self.layers):
             raise RuntimeError("disable_adapters: the model is merged (ΔW is inside W0); unmerge(model) first")
         self.previous = [layer.disabled for layer in self.layers]

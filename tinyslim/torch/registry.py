@@ -1,0 +1,16 @@
+"""Every method of the torch engine by its NumPy name: ``make_method("er", buffer_size=100)``."""
+from __future__ import annotations
+
+from .lora import ER, SeqLoRA
+
+__all__ = ["METHODS", "make_method"]
+
+# one line per method file; the names are the NumPy registry's (tinyslim.adapters.REGISTRY)
+METHODS = {cls.name: cls for cls in (SeqLoRA, ER)}
+
+
+def make_method(name: str, **overrides):
+    """A fresh torch Method by registry name, config fields overridden by keyword (the NumPy fields)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown torch method {name!r}; the torch engine has {sorted(METHODS)}")
+    return METHODS[name](**overrides)
