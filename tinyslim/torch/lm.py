@@ -126,7 +126,8 @@ def from_gpt(gpt, dtype: torch.dtype | None = None, attn_implementation: str = "
 
     config = transformers.GPT2Config(**{k: v for k, v in hf_gpt2_config(gpt.config).items() if k != "architectures"})
     config._attn_implementation = attn_implementation
-    hf = transformers.GPT2LMHeadModel(config)
+    target = dtype if dtype is not None else torch.from_numpy(np.zeros(0, gpt.transformer.wte.weight.dtype)).dtype
+    hf = transformers.GPT2LMHeadModel(config).to(target)  # before loading: a float32 model would round the weights
     state = {k: torch.as_tensor(np.asarray(v)) for k, v in hf_gpt2_state_dict(gpt).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))]
@@ -134,5 +135,4 @@ def from_gpt(gpt, dtype: torch.dtype | None = None, attn_implementation: str = "
     if missing or unexpected:
         raise RuntimeError(f"from_gpt: GPT2LMHeadModel and the GPT differ: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
-    target = dtype if dtype is not None else torch.from_numpy(np.zeros(0, gpt.transformer.wte.weight.dtype)).dtype
-    return CausalLM(hf.to(target))
+    return CausalLM(hf)
