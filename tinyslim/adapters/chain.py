@@ -108,7 +108,7 @@ class COLA(Method):
 
     def attach(self, model, seed: int) -> None:
         super().attach(model, seed)  # link 1 = plain LoRA: A from `init`, B = 0
-        self.W0 = {name: layer.base_layer.weight.data.copy() for name, layer in zip(self.adapted, self.layers())}
+        self.W0 = {name: self._weight(layer) for name, layer in zip(self.adapted, self.layers())}
         self.ranks, self.scales = self.config.link_ranks(), self.config.link_scales()
         self.j = 0  # the current link (0-based)
         self.t = 0  # the step within the task
@@ -131,7 +131,7 @@ class COLA(Method):
         rng = self.streams["reinit"]
         self.history.append((self.task_id, self.t, self.j))
         for layer in self.layers():
-            layer.base_layer.weight.data += layer.delta_weight()  # with the scale of the link that ends
+            self._tie(layer)  # W ← W + s_j B_j A_j, with the scale of the link that ends
             layer.scale = self.scales[next_link]
             layer.reset_parameters(rng, self.ranks[next_link])
         self.j = next_link
@@ -143,7 +143,7 @@ class COLA(Method):
         schedule: link j, step t, budget T, knots, lr0 and the history of tied knots."""
         arrays, meta = super().state_dict()
         for name, layer in zip(self.adapted, self.layers()):
-            arrays[f"base.{name}"] = layer.base_layer.weight.data.copy()
+            arrays[f"base.{name}"] = self._weight(layer)
             arrays[f"W0.{name}"] = self.W0[name].copy()
         meta["cola"] = {"j": int(self.j), "t": int(self.t), "T": None if self.T is None else int(self.T),
                         "knots": [int(k) for k in self.knots], "history": [list(map(int, h)) for h in self.history],
@@ -158,13 +158,13 @@ class COLA(Method):
             raise ValueError(f"cola: the state lacks {missing or 'the chain schedule'} (saved from another method "
                              "or other target_modules?)")
         for name, layer in zip(self.adapted, layers):
-            if arrays[f"base.{name}"].shape != layer.base_layer.weight.shape:
+            if arrays[f"base.{name}"].shape != (layer.out_features, layer.in_features):
                 raise ValueError(f"cola: base.{name} has shape {arrays[f'base.{name}'].shape}, the layer "
-                                 f"{layer.base_layer.weight.shape}")
+                                 f"{(layer.out_features, layer.in_features)}")
         super().load_state_dict(arrays, meta)
         state = meta["cola"]
         for name, layer, scale in zip(self.adapted, layers, state["scales"]):
-            np.copyto(layer.base_layer.weight.data, arrays[f"base.{name}"])
+            self._set_weight(layer, arrays[f"base.{name}"])
             self.W0[name] = np.array(arrays[f"W0.{name}"])
             layer.scale = scale
         self.j, self.t, self.T = int(state["j"]), int(state["t"]), state["T"]
@@ -197,3 +197,15 @@ class COLA(Method):
         """W_final = W + s_j B_j A_j per adapted layer (the dense weights the chain has built so far)."""
         return {name: layer.base_layer.weight.data + layer.delta_weight()
                 for name, layer in zip(self.adapted, self.layers())}
+
+    # ---- the engine: NumPy here; tinyslim.torch.COLA overrides these (and merged_weights) ---------------
+    def _weight(self, layer) -> np.ndarray:
+        """A copy of the layer's base weight W, (O, D)."""
+        return layer.base_layer.weight.data.copy()
+
+    def _set_weight(self, layer, W: np.ndarray) -> None:
+        np.copyto(layer.base_layer.weight.data, W)
+
+    def _tie(self, layer) -> None:
+        """W ← W + ΔW in place (ΔW = s_j B_j A_j of the current link)."""
+        layer.base_layer.weight.data += layer.delta_weight()

@@ -39,13 +39,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import functional as F
-from ..autograd import no_grad
 from ..nn import Linear, Parameter
 from .base import Streams
 from .baselines import ER, ERConfig
 from .lora import LoraLinear
 
-__all__ = ["ILoraConfig", "ILoraLinear", "ILoRA", "consistency_loss"]
+__all__ = ["ILoraConfig", "FastSlowSwitch", "ILoraLinear", "ILoRA", "consistency_loss"]
 
 LEARNERS = ("fast", "slow")
 
@@ -84,19 +83,11 @@ class ILoraConfig(ERConfig):
                            init_lora_weights=self.init_lora_weights)
 
 
-class ILoraLinear(LoraLinear):
-    """LoRA with a fast (trained) and a slow (buffer) copy of its factors and an ``active`` switch."""
+class FastSlowSwitch:
+    """The ``active`` switch between the fast and the slow copy of the factors (engine-free: the NumPy layer
+    below and tinyslim.torch's ILoraLinear share it)."""
 
-    adapter_names = ("lora_A", "lora_B", "lora_A_slow", "lora_B_slow")
-    trainable_names = ("lora_A", "lora_B")
-
-    def __init__(self, base_layer: Linear, r: int, scale: float, dropout: float, streams: Streams,
-                 init_lora_weights: bool = True):
-        super().__init__(base_layer, r, scale, dropout, streams, init_lora_weights)
-        # slow := copy(fast); Parameters that never train (no gradient, never in the optimizer)
-        self.lora_A_slow = Parameter(self.lora_A.data.copy(), requires_grad=False)  # (r, D)
-        self.lora_B_slow = Parameter(self.lora_B.data.copy(), requires_grad=False)  # (O, r)
-        self._active = "fast"
+    _active = "fast"
 
     @property
     def active(self) -> str:
@@ -115,6 +106,21 @@ class ILoraLinear(LoraLinear):
         if self.active == "slow":
             return self.lora_A_slow, self.lora_B_slow
         return self.lora_A, self.lora_B
+
+
+class ILoraLinear(FastSlowSwitch, LoraLinear):
+    """LoRA with a fast (trained) and a slow (buffer) copy of its factors and an ``active`` switch."""
+
+    adapter_names = ("lora_A", "lora_B", "lora_A_slow", "lora_B_slow")
+    trainable_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: Linear, r: int, scale: float, dropout: float, streams: Streams,
+                 init_lora_weights: bool = True):
+        super().__init__(base_layer, r, scale, dropout, streams, init_lora_weights)
+        # slow := copy(fast); Parameters that never train (no gradient, never in the optimizer)
+        self.lora_A_slow = Parameter(self.lora_A.data.copy(), requires_grad=False)  # (r, D)
+        self.lora_B_slow = Parameter(self.lora_B.data.copy(), requires_grad=False)  # (O, r)
+        self._active = "fast"
 
     def interpolate(self, a: float) -> None:
         """A_s ← a·A_s + (1 − a)·A_f and B_s ← a·B_s + (1 − a)·B_f, factor-wise, in place."""
@@ -214,14 +220,22 @@ class ILoRA(ER):
         if rep is None:
             return ce_cur
         dropout_rng = self.streams["dropout"] if cfg.lora_dropout > 0 else None
-        with _rewound(rng, dropout_rng), no_grad(), self.learner("slow"):
+        with self._rewound(rng, dropout_rng), self._no_grad(), self.learner("slow"):
             _, _, h_s = self.model(rep.x, rng=rng, return_hidden=True)  # slow pass: no graph, same masks
         _, ce_rep, h_f = self.model(rep.x, rep.y, loss_mask=rep.mask, rng=rng, return_hidden=True)
         if cfg.consistency_layers == "last_block":
             h_f, h_s = h_f[-1:], h_s[-1:]
         valid = rep.valid if cfg.pad_token_id is None else rep.valid * (rep.x != cfg.pad_token_id)
-        l_cons = consistency_loss(h_f, [h.data for h in h_s], valid, one_sided=cfg.consistency == "one_sided")
+        l_cons = self._consistency_loss(h_f, h_s, valid, one_sided=cfg.consistency == "one_sided")
         return 0.5 * (ce_cur + ce_rep) + cfg.gamma * l_cons
+
+    # ---- the engine: NumPy here; tinyslim.torch.ILoRA overrides these two -------------------------------
+    def _rewound(self, *generators):
+        """Rewind these generators (and the engine's own, if it draws any) after the slow pass."""
+        return _rewound(*generators)
+
+    def _consistency_loss(self, h_fast: list, h_slow: list, valid, one_sided: bool):
+        return consistency_loss(h_fast, [h.data for h in h_slow], valid, one_sided=one_sided)
 
     def after_step(self, step: int, optimizer) -> None:
         cfg = self.config

@@ -1,12 +1,14 @@
 """Every method of the torch engine by its NumPy name: ``make_method("er", buffer_size=100)``."""
 from __future__ import annotations
 
+from .chain import COLA
+from .ilora import ILoRA
 from .lora import ER, SeqLoRA
 
 __all__ = ["METHODS", "make_method"]
 
 # one line per method file; the names are the NumPy registry's (tinyslim.adapters.REGISTRY)
-METHODS = {cls.name: cls for cls in (SeqLoRA, ER)}
+METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA)}
 
 
 def make_method(name: str, **overrides):
