@@ -1,6 +1,12 @@
 """The measurements of a language model on fixed data: validation loss, next-character accuracy
-(or top-1 agreement with a reference), greedy answers and fact recall."""
+(or top-1 agreement with a reference), greedy answers and fact recall.
+
+The model is the NumPy GPT or, on the torch engine, a ``tinyslim.torch.CausalLM`` (the same call and
+``generate``): ``no_grad_for(model)`` is the matching no-grad context and ``to_numpy(logits)`` the
+logits as a NumPy array on either engine (this module never imports torch itself)."""
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -8,7 +14,23 @@ from .autograd import no_grad
 from .data import CharTokenizer, KnowledgeBase
 from .nn import GPT
 
-__all__ = ["evaluate_loss", "next_char_accuracy", "greedy_answers", "knowledge_recall"]
+__all__ = ["evaluate_loss", "next_char_accuracy", "greedy_answers", "knowledge_recall", "no_grad_for", "to_numpy"]
+
+
+def _is_torch_module(model) -> bool:
+    torch = sys.modules.get("torch")  # a torch model means torch is already imported
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def no_grad_for(model):
+    """Gradients off for `model`'s engine: torch.no_grad() for a torch module, else tinyslim's no_grad()."""
+    return sys.modules["torch"].no_grad() if _is_torch_module(model) else no_grad()
+
+
+def to_numpy(t) -> np.ndarray:
+    """A tinyslim Tensor's array (``.data``, no copy) or a torch tensor as a NumPy array (a CPU copy)."""
+    data = t.data
+    return data if isinstance(data, np.ndarray) else data.detach().cpu().numpy()
 
 
 def _non_empty(batches, who: str) -> list:
@@ -23,7 +45,7 @@ def evaluate_loss(model: GPT, batches) -> float:
     batches = _non_empty(batches, "evaluate_loss")
     was_training = model.training
     model.eval()
-    with no_grad():
+    with no_grad_for(model):
         losses = [model(x, y)[1].item() for x, y in batches]
     model.train(was_training)
     return float(np.mean(losses))
@@ -36,10 +58,10 @@ def next_char_accuracy(model: GPT, batches, reference: GPT | None = None) -> flo
     was_training = model.training
     model.eval()
     hits = total = 0
-    with no_grad():
+    with no_grad_for(model), no_grad_for(reference):
         for x, y in batches:
-            pred = model(x)[0].data.argmax(-1)
-            target = y if reference is None else reference(x)[0].data.argmax(-1)
+            pred = to_numpy(model(x)[0]).argmax(-1)
+            target = y if reference is None else to_numpy(reference(x)[0]).argmax(-1)
             hits += int((pred == target).sum())
             total += pred.size
     model.train(was_training)

@@ -21,7 +21,6 @@ line) has the last word. Metrics: metrics.py.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import time
@@ -31,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters.base import stream
-from ..autograd import no_grad
 from ..io import CheckpointError, jsonable, load_checkpoint, save_checkpoint
-from ..optim import Adam, LRScheduler, clip_grad_norm_
+from ..optim import LRScheduler
 from ..tasks import DEFAULT_TASKS, TASKS, Task, evaluate_task, make_tasks
 from . import metrics
+from .engine import NUMPY, get_engine
 
 __all__ = ["ContinualConfig", "GeneralEval", "run_continual", "build_method", "run_methods", "methods_doc",
            "method_overrides", "parity_rank", "aggregate", "format_results"]
@@ -120,15 +119,15 @@ class GeneralEval:
         self.base = self.measure(base_model)  # also records the base's top-1 predictions
 
     def measure(self, model) -> dict:
-        from ..evaluate import knowledge_recall
+        from ..evaluate import knowledge_recall, no_grad_for, to_numpy
 
         was_training = model.training
         model.eval()
         losses, hits, agree, total, top1s = [], 0, 0, 0, []
-        with no_grad():  # one forward per batch gives loss, accuracy and agreement together
+        with no_grad_for(model):  # one forward per batch gives loss, accuracy and agreement together
             for b, (x, y) in enumerate(self.batches):
                 logits, loss = model(x, y)
-                top1 = logits.data.argmax(-1)
+                top1 = to_numpy(logits).argmax(-1)
                 losses.append(loss.item())
                 hits += int((top1 == y).sum())
                 agree += int((top1 == (self.base_top1[b] if self.base_top1 else top1)).sum())
@@ -148,11 +147,15 @@ class GeneralEval:
 def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model, seed: int = 0,
                   progress: bool = True, general: GeneralEval | None = None, checkpoint=None,
                   checkpoint_every: int | None = 100, resume: bool = True, diagnose=None,
-                  optimizer_class=Adam) -> dict:
+                  optimizer_class=None, engine=None) -> dict:
     """Train `method` through `tasks` in order on a copy of `base_model`; return the result dict.
 
-    optimizer_class: what trains the adapters, made as optimizer_class(params, lr=config.lr); Adam
-    (docs/methods.md §0) unless a study swaps it (slim_dynamics.py runs SLIM under SGD too).
+    engine: "numpy" (default), "torch" or an Engine (experiments/engine.py): the model is made from the
+    NumPy `base_model` by the engine (torch: a GPT2LMHeadModel with its weights) and `method` must be of
+    that engine (tinyslim.torch.make_method for torch; build_method(..., engine=) makes either).
+
+    optimizer_class: what trains the adapters, made as optimizer_class(params, lr=config.lr); the engine's
+    Adam (docs/methods.md §0) unless a study swaps it (slim_dynamics.py runs SLIM under SGD too).
 
     diagnose: an optional ``fn(method, tasks) -> dict`` called on the trained method after the last
     task (e.g. SLIM's routing shares); what it returns is stored as result["diagnostics"].
@@ -171,11 +174,15 @@ def run_continual(method, tasks: list[Task], config: ContinualConfig, base_model
                          f"is {block}; use a model with a larger block_size")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
+    engine = get_engine(engine)
+    optimizer_class = optimizer_class or engine.optimizer_class
     identity = _run_identity(method, tasks, config, base_model, seed) if checkpoint is not None else None
-    if identity is not None and optimizer_class is not Adam:  # (Adam runs keep their old identity)
+    if identity is not None and optimizer_class is not engine.optimizer_class:  # (Adam runs keep their identity)
         identity["optimizer"] = optimizer_class.__name__
-    general = general or GeneralEval(base_model, config)
-    run = _Run(method, tasks, config, base_model, seed, general, optimizer_class, progress, t_start)
+    if identity is not None and engine is not NUMPY:  # (NumPy runs keep their old identity)
+        identity["engine"] = engine.name
+    general = general or GeneralEval(engine.view(base_model), config)
+    run = _Run(method, tasks, config, base_model, seed, general, optimizer_class, progress, t_start, engine)
     if checkpoint is not None and resume and Path(checkpoint).exists():
         run.resume(checkpoint, identity)
     save_every = checkpoint_every if checkpoint is not None else None
@@ -193,10 +200,10 @@ class _Run:
     after it, save, and the result document."""
 
     def __init__(self, method, tasks, config: ContinualConfig, base_model, seed: int, general: GeneralEval,
-                 optimizer_class, progress: bool, t_start: float):
+                 optimizer_class, progress: bool, t_start: float, engine=NUMPY):
         self.method, self.tasks, self.config, self.seed, self.general = method, tasks, config, seed, general
-        self.progress, self.t_start = progress, t_start
-        self.model = copy.deepcopy(base_model)  # the caller's model is never touched
+        self.progress, self.t_start, self.engine = progress, t_start, engine
+        self.model = engine.model(base_model)  # a copy: the caller's model is never touched
         self.model.train()
         method.attach(self.model, seed)
         self.params = list(method.trainable_parameters())
@@ -262,7 +269,7 @@ class _Run:
             optimizer.zero_grad()
             loss.backward()
             if config.grad_clip:
-                clip_grad_norm_(self.params, config.grad_clip)
+                self.engine.clip_grad_norm_(self.params, config.grad_clip)
             optimizer.step()
             optimizer.lr = self.schedule(step + 1, config.steps, config.lr, config.warmup_steps)
             method.after_step(step, optimizer)
@@ -320,7 +327,7 @@ class _Run:
             "final_general": per_learner[learners[0]]["general"][-1],
             "by_learner": per_learner,
             "base_general": general.base,
-            "trainable_params": int(sum(p.size for p in self.params)),
+            "trainable_params": int(sum(self.engine.param_count(p) for p in self.params)),
             "train_log": self.train_log,
             "optimizer_reset_per_task": True,
             "wall_s": wall,
@@ -395,18 +402,25 @@ def _load_run_checkpoint(path, identity: dict, method, optimizer) -> dict:
 
 # ---- several methods and seeds -------------------------------------------------------------------
 
-def build_method(name: str, config: ContinualConfig, overrides: dict | None = None):
+def build_method(name: str, config: ContinualConfig, overrides: dict | None = None, engine=None):
     """make_method(name) with the scenario's shared settings (those fields its config has), then the
     user's overrides on top (an unknown field there is an error). SLIM's ablation rows
-    ("slim-no-identity", "slim-no-yielding", "slim-no-masks", …) are names too."""
-    from ..adapters import METHODS, SLIM_ABLATIONS, make_method, make_slim_ablation
+    ("slim-no-identity", "slim-no-yielding", "slim-no-masks", …) are names too (NumPy engine).
+    engine: "numpy" (default) or "torch": whose method class is made."""
+    from ..adapters import SLIM_ABLATIONS, make_slim_ablation
+
+    engine = get_engine(engine)
+    METHODS, make_method = engine.methods, engine.make_method
+    if engine is not NUMPY:
+        SLIM_ABLATIONS = {}
 
     rank = parity_rank(name)
     if rank is not None:  # "lora-r35": plain LoRA at rank 35, same scale α/r as every method
         overrides = {"r": rank, "lora_alpha": config.lora_alpha / config.rank * rank, **(overrides or {})}
         name = "lora"
     if name not in METHODS and name not in SLIM_ABLATIONS:
-        raise ValueError(f"unknown method {name!r}; valid names are {sorted(METHODS)}, SLIM's ablation rows "
+        raise ValueError(f"unknown method {name!r}{'' if engine is NUMPY else ' on the ' + engine.name + ' engine'}; "
+                         f"valid names are {sorted(METHODS)}, SLIM's ablation rows "
                          f"{sorted(set(SLIM_ABLATIONS) - set(METHODS))} and lora-r<N> (LoRA at rank N)")
     cls = METHODS.get(name) or METHODS["slim"]
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
@@ -452,28 +466,32 @@ def method_overrides(specs: list[str], methods: list[str]) -> dict[str, dict]:
 
 def run_methods(methods: list[str], config: ContinualConfig, seeds: list[int], base_model,
                 overrides: dict[str, dict] | None = None, progress: bool = True, checkpoint_dir=None,
-                checkpoint_every: int | None = 100, resume: bool = True, diagnose: dict | None = None) -> dict:
+                checkpoint_every: int | None = 100, resume: bool = True, diagnose: dict | None = None,
+                engine=None) -> dict:
     """Every method on every seed (one shared base measurement); the JSON document of the run:
-    config, per-seed results, and the mean ± std summary per method.
+    config, per-seed results, and the mean ± std summary per method. engine: "numpy" (default) or "torch".
 
     diagnose: {method name: fn(method, tasks) -> dict}, see run_continual.
 
     checkpoint_dir: each (method, seed) run checkpoints to "<dir>/<method>-seed<seed>.safetensors" (see
     run_continual); with `resume`, finished runs are read back and an interrupted one goes on."""
-    overrides = overrides or {}
+    overrides, engine = overrides or {}, get_engine(engine)
     for name in methods:  # fail on a bad name or field before any training
-        build_method(name, config, overrides.get(name))
-    general = GeneralEval(base_model, config)
+        build_method(name, config, overrides.get(name), engine)
+    general = GeneralEval(engine.view(base_model), config)
     results: dict[str, list] = {name: [] for name in methods}
     for seed in seeds:
         tasks = make_tasks(config.tasks, seed, config.n_train, config.n_test)
         for name in methods:
-            method = build_method(name, config, overrides.get(name))
+            method = build_method(name, config, overrides.get(name), engine)
             path = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{name}-seed{seed}.safetensors"
             results[name].append(run_continual(method, tasks, config, base_model, seed, progress, general,
                                                checkpoint=path, checkpoint_every=checkpoint_every, resume=resume,
-                                               diagnose=(diagnose or {}).get(name)))
-    return methods_doc(config, seeds, overrides, results)
+                                               diagnose=(diagnose or {}).get(name), engine=engine))
+    doc = methods_doc(config, seeds, overrides, results)
+    if engine is not NUMPY:  # (NumPy documents keep their old keys)
+        doc["engine"] = engine.name
+    return doc
 
 
 def methods_doc(config: ContinualConfig, seeds: list[int], overrides: dict, results: dict[str, list]) -> dict:
