@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HEADER = os.path.join(HERE, "lowrank.h")
 SOURCES = [os.path.join(HERE, name) for name in ("lowrank_cpu.c", "lowrank_cpu_f32.c", "lowrank_cpu_f64.c")]
-KERNELS = [os.path.join(HERE, name) for name in ("lowrank_v1.h", "lowrank_v2.h")]  # included by the f32 / f64 files
+KERNELS = [os.path.join(HERE, name) for name in ("lowrank_v1.h", "lowrank_v2.h", "lowrank_v3.h")]  # included by the f32 / f64 files
 MODULE = "tinyslim.kernels._lowrank_cpu"
 
 _HELLO = "int main(void) { return 0; }\n"

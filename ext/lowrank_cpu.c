@@ -25,7 +25,7 @@
 #define VBITS 128
 #endif
 
-int tsl_kernel_versions(void) { return 2; }
+int tsl_kernel_versions(void) { return 3; }
 
 static int g_num_threads = 0; /* 0 = OpenMP's default */
 

@@ -5,6 +5,7 @@
 typedef float real;
 #define TSL_REAL_BYTES 4 /* sizeof(real), for the preprocessor */
 typedef int32_t ireal; /* the integer of the same size (shuffle masks) */
+#include "lowrank_v3.h"
 #include "lowrank_v2.h"
 #include "lowrank_v1.h"
 
@@ -12,13 +13,13 @@ typedef int32_t ireal; /* the integer of the same size (shuffle masks) */
 int tsl_forward_f32(int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K, const real *x, const real *A,
                     const real *B, const int32_t *idx, const real *w, const real *scale, const real *in_mask,
                     const real *out_mask, real *y, int accumulate) {
-    return forward_v2(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, y, accumulate);
+    return forward_v3(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, y, accumulate);
 }
 
 int tsl_backward_f32(int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K, const real *x, const real *A,
                      const real *B, const int32_t *idx, const real *w, const real *scale, const real *in_mask,
                      const real *out_mask, const real *dy, real *dx, real *dA, real *dB, real *dgate) {
-    return backward_v2(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, dy, dx, dA, dB, dgate);
+    return backward_v3(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, dy, dx, dA, dB, dgate);
 }
 
 /* each version by number (tests, tutorial 09, the benchmark) */
@@ -29,6 +30,7 @@ int tsl_forward_version_f32(int version, int64_t N, int64_t D, int64_t O, int64_
     switch (version) {
     case 1: return forward_v1(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, y, accumulate);
     case 2: return forward_v2(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, y, accumulate);
+    case 3: return forward_v3(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, y, accumulate);
     default: return 2;
     }
 }
@@ -40,6 +42,7 @@ int tsl_backward_version_f32(int version, int64_t N, int64_t D, int64_t O, int64
     switch (version) {
     case 1: return backward_v1(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, dy, dx, dA, dB, dgate);
     case 2: return backward_v2(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, dy, dx, dA, dB, dgate);
+    case 3: return backward_v3(N, D, O, r, E, K, x, A, B, idx, w, scale, in_mask, out_mask, dy, dx, dA, dB, dgate);
     default: return 2;
     }
 }

@@ -16,6 +16,7 @@ import numpy as np
 from . import kernels
 from .autograd import Function, Tensor
 from .kernels.gates import DenseGates, IndexGates, TopKGates, as_gates
+from .kernels.problem import zero_index
 
 __all__ = ["MixtureLowRank", "mixture_lowrank", "lowrank"]
 
@@ -26,8 +27,7 @@ class MixtureLowRank(Function):
     @staticmethod
     def forward(ctx, x, A, B, gate_w=None, *, form, idx=None, scale=1.0, in_mask=None, out_mask=None,
                 backend=None):
-        gates = {"dense": lambda: DenseGates(gate_w), "topk": lambda: TopKGates(idx, gate_w),
-                 "index": lambda: IndexGates(idx)}[form]()
+        gates = DenseGates(gate_w) if form == "dense" else (TopKGates(idx, gate_w) if form == "topk" else IndexGates(idx))
         ctx.gates = gates
         ctx.args = dict(scale=scale, in_mask=in_mask, out_mask=out_mask, backend=backend)
         ctx.save_for_backward(x, A, B)
@@ -70,5 +70,5 @@ def lowrank(x, A, B, scale=1.0, *, backend=None) -> Tensor:
     """Δ (N, O) = s · (x Aᵀ) Bᵀ: one adapter, A (r, D) and B (O, r), on every token (plain LoRA).
 
     The mixture above with E = 1 and every token on adapter 0, so the fast kernels serve it too."""
-    every_token = np.zeros(x.shape[0], dtype=np.int32)
+    every_token = zero_index(x.shape[0])  # read-only zeros: trusted without a range check
     return mixture_lowrank(x, A.reshape(1, *A.shape), B.reshape(1, *B.shape), every_token, scale, backend=backend)

@@ -16,6 +16,7 @@ index arrays become int32, and mistakes raise ValueError / TypeError, never reac
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -82,8 +83,8 @@ def _load(name: str):
         from . import cpu
         cpu._check_version(version)
         return types.SimpleNamespace(name=f"cpu.v{version}", available=cpu.available, reason=cpu.reason,
-                                     forward=lambda p: cpu.forward(p, version=version),
-                                     backward=lambda p, dy, needs: cpu.backward(p, dy, needs, version=version))
+                                     forward=functools.partial(cpu.forward, version=version),
+                                     backward=functools.partial(cpu.backward, version=version))
     if name == "numpy":
         return _numpy
     if name == "cpu":
@@ -118,13 +119,23 @@ def get_backend(name: str | None = None, *, device: bool = False) -> str:
 
 
 def _backend_for(p: Problem, backend: str | None):
+    if not p.device:  # the common case, once per call: a host backend that was resolved before
+        mod = _HOST.get(backend or _ENV.get("TINYSLIM_BACKEND"))
+        if mod is not None:
+            return mod
     name = get_backend(backend, device=p.device)
     if p.device and name != "cuda":
         raise ValueError(f"the inputs live on a GPU but the {name} backend works on host arrays; use "
                          "backend='cuda' or pass NumPy arrays")
     if name == "cuda" and p.dtype != np.float32:
         raise TypeError(f"the cuda backend is float32 only, got {p.dtype}; use the cpu or numpy backend for float64")
-    return _module(name)
+    mod = _module(name)
+    if not p.device and name != "cuda" and name == (backend or _ENV.get("TINYSLIM_BACKEND") or name):
+        _HOST[backend or _ENV.get("TINYSLIM_BACKEND")] = mod
+    return mod
+
+
+_HOST: dict = {}  # backend argument or $TINYSLIM_BACKEND (None: the default) → an available host backend
 
 
 _ALL = (True, True, True, True)

@@ -40,8 +40,6 @@ if _mod is not None:
     if _threads_env.isdigit():
         lib.tsl_set_num_threads(int(_threads_env))
 
-_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-
 
 def has_openmp() -> bool:
     return bool(available and lib.tsl_has_openmp())
@@ -60,29 +58,15 @@ def get_num_threads() -> int:
     return int(lib.tsl_get_num_threads()) if available else 1
 
 
-def _ptr(ctype: str, arr):
-    """A C pointer into a NumPy array (NULL for None), without copying; the array must outlive the call.
-    (ffi.from_buffer is ~10x cheaper than reading __array_interface__, which builds a dict each time.)"""
-    if arr is None:
-        return ffi.NULL
-    return ffi.from_buffer(_ARRAY[ctype], arr)
-
-
-_ARRAY = {"float": "float[]", "double": "double[]", "int32_t": "int32_t[]"}
-
 VERSIONS = {1: "v1: the op as its equation in plain loops, one token and one expert at a time (ext/lowrank_v1.h)",
-            2: "v2: token blocks, packed factors, register-tiled vector micro-kernels, OpenMP (ext/lowrank_v2.h)"}
+            2: "v2: token blocks, packed factors, register-tiled vector micro-kernels, OpenMP (ext/lowrank_v2.h)",
+            3: "v3: v2 with GEMM-style register-blocked micro-kernels (ext/lowrank_v3.h)"}
 LATEST = max(VERSIONS)
 
 
 def _require():
     if not available:
         raise RuntimeError(f"the cpu backend is unavailable: {reason}")
-
-
-def _gate_args(p, ctype):
-    # dense: idx NULL, w = G;  top-k: idx, w;  index: idx, w NULL  (lowrank.h)
-    return _ptr("int32_t", p.idx), _ptr(ctype, p.w)
 
 
 def _check_version(version: int) -> int:
@@ -92,19 +76,32 @@ def _check_version(version: int) -> int:
     return version
 
 
+# The C entry points by (version, dtype): the newest without a version argument, the others through
+# tsl_*_version_*. Pointers into NumPy arrays come from ffi.from_buffer (no copy; ~10x cheaper than
+# reading __array_interface__, which builds a dict each time); the arrays outlive the call.
+_ENTRY: dict = {}
+if available:
+    for _v in VERSIONS:
+        for _dt, _sfx in ((np.dtype(np.float32), "f32"), (np.dtype(np.float64), "f64")):
+            _f, _b = getattr(lib, f"tsl_forward_version_{_sfx}"), getattr(lib, f"tsl_backward_version_{_sfx}")
+            _ENTRY[_v, _dt] = ((getattr(lib, f"tsl_forward_{_sfx}"), getattr(lib, f"tsl_backward_{_sfx}"))
+                               if _v == LATEST else (functools.partial(_f, _v), functools.partial(_b, _v)))
+    _NULL, _buf = ffi.NULL, ffi.from_buffer
+_ARRAY = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]"}
+
+
 def forward(p, version: int = LATEST) -> np.ndarray:
     """y (N, O) for a validated Problem, computed by kernel `version` (the newest by default)."""
-    _require()
-    ctype = _CTYPE[p.dtype]
+    fns = _ENTRY.get((version, p.dtype))
+    if fns is None:
+        _require()
+        _check_version(version)
+    at, buf, null = _ARRAY[p.dtype], _buf, _NULL
     y = np.empty((p.N, p.O), dtype=p.dtype)
-    idx, w = _gate_args(p, ctype)
-    if version == LATEST:
-        fn = lib.tsl_forward_f32 if ctype == "float" else lib.tsl_forward_f64
-    else:
-        vfn = lib.tsl_forward_version_f32 if ctype == "float" else lib.tsl_forward_version_f64
-        fn = functools.partial(vfn, _check_version(version))
-    err = fn(p.N, p.D, p.O, p.r, p.E, p.K, _ptr(ctype, p.x), _ptr(ctype, p.A), _ptr(ctype, p.B), idx, w,
-             _ptr(ctype, p.scale), _ptr(ctype, p.in_mask), _ptr(ctype, p.out_mask), _ptr(ctype, y), 0)
+    err = fns[0](p.N, p.D, p.O, p.r, p.E, p.K, buf(at, p.x), buf(at, p.A), buf(at, p.B),
+                 null if p.idx is None else buf("int32_t[]", p.idx), null if p.w is None else buf(at, p.w),
+                 buf(at, p.scale), null if p.in_mask is None else buf(at, p.in_mask),
+                 null if p.out_mask is None else buf(at, p.out_mask), buf(at, y), 0)
     if err:
         raise MemoryError("the cpu kernel could not allocate its scratch memory")
     return y
@@ -112,22 +109,22 @@ def forward(p, version: int = LATEST) -> np.ndarray:
 
 def backward(p, dy, needs=(True, True, True, True), version: int = LATEST):
     """(dx, dA, dB, dgate) for a validated Problem and dy (N, O); None where not needed (or no gate)."""
-    _require()
-    ctype = _CTYPE[p.dtype]
+    fns = _ENTRY.get((version, p.dtype))
+    if fns is None:
+        _require()
+        _check_version(version)
+    at, buf, null = _ARRAY[p.dtype], _buf, _NULL
     want_x, want_A, want_B, want_g = needs
     dx = np.empty_like(p.x) if want_x else None
     dA = np.empty_like(p.A) if want_A else None
     dB = np.empty_like(p.B) if want_B else None
     dg = np.empty_like(p.w) if (want_g and p.form != "index") else None
-    idx, w = _gate_args(p, ctype)
-    if version == LATEST:
-        fn = lib.tsl_backward_f32 if ctype == "float" else lib.tsl_backward_f64
-    else:
-        vfn = lib.tsl_backward_version_f32 if ctype == "float" else lib.tsl_backward_version_f64
-        fn = functools.partial(vfn, _check_version(version))
-    err = fn(p.N, p.D, p.O, p.r, p.E, p.K, _ptr(ctype, p.x), _ptr(ctype, p.A), _ptr(ctype, p.B), idx, w,
-             _ptr(ctype, p.scale), _ptr(ctype, p.in_mask), _ptr(ctype, p.out_mask), _ptr(ctype, dy),
-             _ptr(ctype, dx), _ptr(ctype, dA), _ptr(ctype, dB), _ptr(ctype, dg))
+    err = fns[1](p.N, p.D, p.O, p.r, p.E, p.K, buf(at, p.x), buf(at, p.A), buf(at, p.B),
+                 null if p.idx is None else buf("int32_t[]", p.idx), null if p.w is None else buf(at, p.w),
+                 buf(at, p.scale), null if p.in_mask is None else buf(at, p.in_mask),
+                 null if p.out_mask is None else buf(at, p.out_mask), buf(at, dy),
+                 null if dx is None else buf(at, dx), null if dA is None else buf(at, dA),
+                 null if dB is None else buf(at, dB), null if dg is None else buf(at, dg))
     if err:
         raise MemoryError("the cpu kernel could not allocate its scratch memory")
     return dx, dA, dB, dg

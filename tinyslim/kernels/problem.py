@@ -12,7 +12,6 @@ value) or TypeError (wrong kind of object or dtype) that says what was expected.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,35 +64,25 @@ def _packed_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
-@dataclass
 class Problem:
-    """A validated call. Arrays are np.ndarray (host) or DeviceArray (GPU)."""
-    x: Any
-    A: Any
-    B: Any
-    form: str          # "dense" | "topk" | "index"
-    idx: Any           # None (dense), int32 (N, K) (top-k) or int32 (N,) (index); host arrays
-    w: Any             # (N, E) dense, (N, K) top-k, None index
-    scale: Any         # (E,) of the float dtype (host)
-    in_mask: Any       # (E, D) or None
-    out_mask: Any      # (E, O) or None
-    dtype: np.dtype
-    device: bool       # some float input lives on a GPU
+    """A validated call. Arrays are np.ndarray (host) or DeviceArray (GPU); the sizes are read once here."""
+    __slots__ = ("x", "A", "B", "form", "idx", "w", "scale", "in_mask", "out_mask", "dtype", "device",
+                 "N", "D", "O", "r", "E", "K", "empty")
 
-    N = property(lambda self: self.x.shape[0])
-    D = property(lambda self: self.x.shape[1])
-    E = property(lambda self: self.A.shape[0])
-    r = property(lambda self: self.A.shape[1])
-    O = property(lambda self: self.B.shape[1])
-
-    @property
-    def K(self) -> int:
-        return self.E if self.form == "dense" else (1 if self.form == "index" else self.idx.shape[1])
-
-    @property
-    def empty(self) -> bool:
-        """Nothing to compute: outputs are all zeros (or have no elements)."""
-        return min(self.N, self.D, self.O, self.r, self.E, self.K) == 0
+    def __init__(self, x, A, B, form, idx, w, scale, in_mask, out_mask, dtype, device):
+        self.x, self.A, self.B = x, A, B
+        self.form = form          # "dense" | "topk" | "index"
+        self.idx, self.w = idx, w  # idx: None (dense), int32 (N, K) top-k or (N,) index, on the host;
+        #                            w: (N, E) dense, (N, K) top-k, None index
+        self.scale = scale        # (E,) of the float dtype (host)
+        self.in_mask, self.out_mask = in_mask, out_mask  # (E, D), (E, O) or None
+        self.dtype, self.device = dtype, device  # device: some float input lives on a GPU
+        self.N, self.D = x.shape
+        self.E, self.r = A.shape[0], A.shape[1]
+        self.O = B.shape[1]
+        self.K = self.E if form == "dense" else (1 if form == "index" else idx.shape[1])
+        # nothing to compute: the outputs are all zeros (or have no elements)
+        self.empty = min(self.N, self.D, self.O, self.r, self.E, self.K) == 0
 
 
 def _shape(a):
@@ -197,8 +186,93 @@ def _full_scale(E: int, value: float, dtype) -> np.ndarray:
     return s
 
 
+_ND, _I32 = np.ndarray, np.dtype(np.int32)
+_ZERO_INDEX: dict = {}
+
+
+def zero_index(N: int) -> np.ndarray:
+    """(N,) int32 zeros that cannot be written to (backed by immutable bytes): every token on adapter 0,
+    plain LoRA's index. prepare trusts it without the range check, since its values cannot change."""
+    idx = _ZERO_INDEX.get(N)
+    if idx is None:
+        if len(_ZERO_INDEX) > 64:
+            _ZERO_INDEX.clear()
+        idx = _ZERO_INDEX[N] = np.frombuffer(bytes(4 * N), dtype=np.int32)
+    return idx
+
+
+def _host_array(a, dtype, shape) -> bool:
+    """a is an aligned C-contiguous host ndarray of exactly this native dtype and shape."""
+    return type(a) is _ND and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous and a.flags.aligned
+
+
+def _in_range(idx, E) -> bool:
+    """Every value in [−1, E − 1] (−1 ≤ i ≤ E − 1  ⇔  (i + 1) as uint32 ≤ E: negatives wrap)."""
+    return idx.size == 0 or (idx.max() < E and idx.min() >= -1)
+
+
+def _prepare_fast(x, A, B, gates, scale, in_mask, out_mask):
+    """The common call (host ndarrays already in shape, one float dtype, int32 indices), checked with as
+    few operations as possible; None for anything else, which `prepare` then checks in full (and
+    explains). It accepts exactly what the full checks accept, never more."""
+    if type(x) is not _ND or type(A) is not _ND or type(B) is not _ND or x.ndim != 2 or A.ndim != 3 or B.ndim != 3:
+        return None
+    dtype = x.dtype
+    if dtype not in FLOAT_DTYPES:
+        return None
+    N, D = x.shape
+    E, r = A.shape[0], A.shape[1]
+    O = B.shape[1]
+    if not (_host_array(x, dtype, (N, D)) and _host_array(A, dtype, (E, r, D)) and _host_array(B, dtype, (E, O, r))):
+        return None
+    kind = type(gates)
+    if kind is IndexGates:
+        gates, kind = gates.idx, _ND
+    if kind is _ND and gates.ndim == 1:  # per-token index
+        if not _host_array(gates, _I32, (N,)) or (gates is not _ZERO_INDEX.get(N) and not _in_range(gates, E)):
+            return None
+        form, idx, w = "index", gates, None
+    elif kind is _ND or kind is DenseGates:  # dense G (N, E)
+        w = gates if kind is _ND else gates.G
+        if not _host_array(w, dtype, (N, E)):
+            return None
+        form, idx = "dense", None
+    elif kind is tuple or kind is TopKGates:  # top-k (idx, w), both (N, k)
+        if kind is tuple:
+            if len(gates) != 2:
+                return None
+            idx, w = gates
+        else:
+            idx, w = gates.idx, gates.w
+        if type(idx) is not _ND or idx.ndim != 2 or idx.shape[0] != N:
+            return None
+        k = idx.shape[1]
+        if not (_host_array(idx, _I32, (N, k)) and _host_array(w, dtype, (N, k)) and _in_range(idx, E)):
+            return None
+        if k == 2 and N and bool((idx[:, 0] == idx[:, 1]).any()):  # a repeat (or two empty slots): full check
+            return None
+        if k > 2:
+            return None
+        form = "topk"
+    else:
+        return None
+    if type(scale) is float or type(scale) is int:
+        s = _full_scale(E, float(scale), dtype)
+    elif _host_array(scale, dtype, (E,)):
+        s = scale
+    else:
+        return None
+    if (in_mask is not None and not _host_array(in_mask, dtype, (E, D))) or \
+            (out_mask is not None and not _host_array(out_mask, dtype, (E, O))):
+        return None
+    return Problem(x, A, B, form, idx, w, s, in_mask, out_mask, dtype, False)
+
+
 def prepare(x, A, B, gates, scale=1.0, in_mask=None, out_mask=None) -> Problem:
     """Validate one call of the op and return the normalised Problem (see module docstring)."""
+    p = _prepare_fast(x, A, B, gates, scale, in_mask, out_mask)
+    if p is not None:
+        return p
     x = _float_input("x", x)
     dtype = x.dtype
     A = _float_input("A", A, dtype=dtype)
