@@ -91,9 +91,9 @@ class LoraSources:
 
 
 def sources_from_methods(methods) -> tuple[list, list]:
-    """(states, scales) of trained plain-LoRA Methods (e.g. make_method("lora") after training)."""
-    from .base import adapter_state_dict
-    states = [{k: v for k, v in adapter_state_dict(m.model).items() if k.endswith((".lora_A", ".lora_B"))}
+    """(states, scales) of trained plain-LoRA Methods (e.g. make_method("lora") after training), on either
+    engine: the adapter arrays are NumPy with the same keys on both (``Method._adapter_arrays``)."""
+    states = [{k: v for k, v in m._adapter_arrays().items() if k.endswith((".lora_A", ".lora_B"))}
               for m in methods]
     return states, [float(m.config.scale) for m in methods]
 
@@ -197,7 +197,7 @@ class FrozenPoolMethod(Method):
         out = {"name": self.name, "config": {**config, "lora_sources": self.config.sources.describe()}}
         if self.model is not None:
             out["adapted_modules"] = list(self.adapted)
-            out["trainable_parameters"] = int(sum(p.size for p in self.trainable_parameters()))
+            out["trainable_parameters"] = int(sum(int(np.prod(p.shape)) for p in self.trainable_parameters()))
         return out
 
 

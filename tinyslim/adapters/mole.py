@@ -180,6 +180,9 @@ class MoleLinear(LoraPoolLinear):
                                    "block's first adapted linear must run before the others")
         return mixture_lowrank(x, self.lora_A, self.lora_B, self.masked(G), scale=self.scales)  # Σ_i G'_i u_i
 
+    def gate_array(self) -> np.ndarray:  # G (N, E) of the last forward, before masking, as NumPy
+        return self.current_gate.data
+
     def delta_weight(self):
         raise NotImplementedError("MoLE cannot be merged into W0: its gates depend on the input")
 
@@ -204,6 +207,7 @@ class Mole(FrozenPoolMethod):
 
     name = "mole"
     config_class = MoleConfig
+    balance_loss = staticmethod(balance_loss)  # L_bal of the engine's gates (tinyslim.torch.Mole: torch's)
 
     @classmethod
     def from_methods(cls, lora_methods, **overrides) -> "Mole":
@@ -233,7 +237,7 @@ class Mole(FrozenPoolMethod):
             _, ce = self.model(x, y, loss_mask=mask, rng=rng)
         if not cfg.balance_coef:
             return ce
-        return ce + cfg.balance_coef * balance_loss([l.current_gate for l in self.gate_layers()], real)
+        return ce + cfg.balance_coef * self.balance_loss([l.current_gate for l in self.gate_layers()], real)
 
     # ---- inference masking and diagnostics -----------------------------------------------------------
     def set_mask(self, subset) -> None:
@@ -259,5 +263,5 @@ class Mole(FrozenPoolMethod):
         with self.evaluating(), token_context(self.layers(), token_mask=real):
             self.model(x)
         w = real.reshape(-1)
-        return {name: layer.current_gate.data[w].mean(axis=0) for name, layer in zip(self.adapted, self.layers())
+        return {name: layer.gate_array()[w].mean(axis=0) for name, layer in zip(self.adapted, self.layers())
                 if layer.owns_gate}

@@ -4,11 +4,13 @@ from __future__ import annotations
 from .chain import COLA
 from .ilora import ILoRA
 from .lora import ER, SeqLoRA
+from .merging import NLA, LoraSum
+from .mole import Mole
 
 __all__ = ["METHODS", "make_method"]
 
 # one line per method file; the names are the NumPy registry's (tinyslim.adapters.REGISTRY)
-METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA)}
+METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA, Mole, NLA, LoraSum)}
 
 
 def make_method(name: str, **overrides):
