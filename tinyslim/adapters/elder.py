@@ -174,6 +174,17 @@ class ElderLinear(AdaptedLinear):
     def router_logits(self, q) -> Tensor:  # q (B, d_q), a constant -> W_g q + b_g (B, E)
         return F.linear(q, self.router_weight, self.router_bias)
 
+    def select(self, q: np.ndarray) -> np.ndarray:  # q (B, d_q) -> S (B, k) ints: TopK(W_g q + b_g, k), no gradient
+        with no_grad():
+            return top_k(self.router_logits(q).data, self.config.top_k)
+
+    # the method reads and writes the layer's arrays through these two (the torch layer's copy to and from NumPy)
+    def array(self, name: str) -> np.ndarray:
+        return getattr(self, name).data
+
+    def write(self, name: str, index, value) -> None:
+        getattr(self, name).data[index] = value
+
     def forward(self, x):  # x (B, T, D)
         if self.is_routing_layer:
             self.routing.capture(x)
@@ -310,28 +321,27 @@ class Elder(EditingMethod):
 
     name = "elder"
     config_class = ElderConfig
+    layer_class, query_tap_class = ElderLinear, QueryTap  # the engine's (tinyslim.torch has its own)
 
     def after_attach(self, model) -> None:
         """The routing layer (a QueryTap when it is not adapted), the routers, the shared routing state."""
-        layers = self.layers()
+        layers, model = self.layers(), self.model
         routing_name = self.config.routing_layer or self.adapted[0]
-        order = [name for name, _ in model.named_modules()]  # model order = forward order in a GPT block
-        linears = [n for n in order if isinstance(model.get_submodule(n), (Linear, ElderLinear))
-                   and not n.endswith("base_layer")]
+        linears = self._linear_names(model)  # model order = forward order in a GPT block
         if routing_name not in linears:
             raise ValueError(f"routing_layer {routing_name!r} is not a Linear of the model; the Linears are {linears}")
-        if order.index(routing_name) > order.index(self.adapted[0]):
+        if linears.index(routing_name) > linears.index(self.adapted[0]):
             raise ValueError(f"routing_layer {routing_name!r} comes after the first adapted layer {self.adapted[0]!r}; "
                              "q must depend on the base model only")
         self.routing = ElderRouting(self)
         if routing_name in self.adapted:
-            router_layer = model.get_submodule(routing_name)
+            router_layer = self._submodule(model, routing_name)
             router_layer.is_routing_layer = True
         else:
             parent, _, child = routing_name.rpartition(".")
-            router_layer = QueryTap(getattr(model.get_submodule(parent), child))
+            router_layer = self.query_tap_class(getattr(self._submodule(model, parent), child))
             router_layer.routing = self.routing
-            setattr(model.get_submodule(parent), child, router_layer)
+            setattr(self._submodule(model, parent), child, router_layer)
         d_q = router_layer.in_features
         for layer in layers:
             layer.init_router(d_q, self.streams["router"], model.config.block_size)
@@ -341,7 +351,7 @@ class Elder(EditingMethod):
         self.last_presets = None
 
     def layers(self) -> list:
-        return [layer for layer in super().layers() if isinstance(layer, ElderLinear)]
+        return [layer for layer in super().layers() if isinstance(layer, self.layer_class)]
 
     def param_groups(self) -> list:
         """Experts at lr, routers at lr · router_lr_scale (the spec's Adam on all of them when it is 1)."""
@@ -388,8 +398,7 @@ class Elder(EditingMethod):
                 continue
             self._edit_queries[key] = row.copy()
             if cfg.preset == "init":  # TopK(p^l(q_edit), k) with the routers as they are before this edit's updates
-                with no_grad():
-                    self._presets[key] = [top_k(layer.router_logits(row[None]).data, cfg.top_k)[0] for layer in layers]
+                self._presets[key] = [layer.select(row[None])[0] for layer in layers]
             else:  # "hashed": a fixed pseudo-random k-subset per (edit id, layer)
                 rng = self.streams["hash"]
                 self._presets[key] = [np.sort(rng.choice(cfg.n_experts, cfg.top_k, replace=False)) for _ in layers]
@@ -412,7 +421,7 @@ class Elder(EditingMethod):
         if mode == "none":
             return q
         if mode == "centred":
-            mu = self.layers()[0].query_mean.data
+            mu = self.layers()[0].array("query_mean")
             if not mu.any():
                 raise RuntimeError('query_norm="centred" needs μ: call fit_query_mean(x) on unlabelled text first')
             q = q - mu[np.minimum(np.asarray(pos), len(mu) - 1)]
@@ -426,12 +435,12 @@ class Elder(EditingMethod):
         Stored in every layer. Returns μ (P, d_q), P = the model's block_size."""
         self._check_attached()
         x = np.asarray(x)
-        P = len(self.layers()[0].query_mean.data)
+        P = len(self.layers()[0].array("query_mean"))
         if x.ndim != 2 or x.shape[1] > P:
             raise ValueError(f"fit_query_mean needs token ids (B, T) with T <= block_size {P}, got shape {x.shape}")
         self.routing.collect = []
         try:
-            with self.evaluating(), no_grad():
+            with self.evaluating():
                 self.model(x)
             states = self.routing.collect[0].reshape(x.shape[0], x.shape[1], -1)  # (B, T, d_q)
         finally:
@@ -441,17 +450,16 @@ class Elder(EditingMethod):
         mu[:T] = states.mean(axis=0)
         mu[T:] = states[:, T // 2:].mean(axis=(0, 1))
         for layer in self.layers():
-            layer.query_mean.data[:] = mu
-        return mu.astype(self.layers()[0].query_mean.dtype)
+            layer.write("query_mean", slice(None), mu)
+        return mu.astype(self.layers()[0].array("query_mean").dtype)
 
     # ---- codes and deferral ----------------------------------------------------------------------------
     def codes(self, q: np.ndarray) -> list:
         """c(q) per adapted layer: [(B, E) k-hot of TopK(W_g^l q + b_g^l, k)]."""
         out = []
         for layer in self.layers():
-            with no_grad():
-                S = top_k(layer.router_logits(q).data, self.config.top_k)
-            c = np.zeros((len(q), layer.E), dtype=layer.edit_codes.dtype)
+            S = layer.select(q)
+            c = np.zeros((len(q), layer.E), dtype=layer.array("edit_codes").dtype)
             np.put_along_axis(c, S, 1, axis=1)
             out.append(c)
         return out
@@ -459,14 +467,14 @@ class Elder(EditingMethod):
     @property
     def n_edits(self) -> int:
         """Number of stored codes (rows of the code table in use)."""
-        return int(np.count_nonzero(self.layers()[0].edit_codes.data.any(axis=1)))
+        return int(np.count_nonzero(self.layers()[0].array("edit_codes").any(axis=1)))
 
     def store_codes(self, q: np.ndarray) -> None:
         n, layers = self.n_edits, self.layers()
         if n + len(q) > self.config.max_edits:
             raise RuntimeError(f"the code table is full ({self.config.max_edits} edits); raise ElderConfig.max_edits")
         for layer, c in zip(layers, self.codes(q)):
-            layer.edit_codes.data[n:n + len(q)] = c
+            layer.write("edit_codes", slice(n, n + len(q)), c)
 
     def min_hamming(self, q: np.ndarray) -> np.ndarray:
         """(B,) min_t Hamming(c(q), c_t) over the stored codes (inf when none is stored)."""
@@ -475,7 +483,7 @@ class Elder(EditingMethod):
             return np.full(len(q), np.inf)
         dist = 0.0
         for layer, c in zip(self.layers(), self.codes(q)):
-            table = layer.edit_codes.data[:n]  # (n, E)
+            table = layer.array("edit_codes")[:n]  # (n, E)
             dist = dist + c.sum(axis=1)[:, None] + table.sum(axis=1)[None, :] - 2 * c @ table.T  # |c − c_t|₁
         return np.rint(dist).min(axis=1)
 
@@ -512,4 +520,4 @@ class Elder(EditingMethod):
         with self.evaluating(), self.keys(key_pos, queries):
             logits, _ = self.model(x)
             q = self.routing.q
-        return {"logits": logits.data, "z": self.routing.z.copy(), "min_hamming": self.min_hamming(q)}
+        return {"logits": self._numpy(logits), "z": self.routing.z.copy(), "min_hamming": self.min_hamming(q)}

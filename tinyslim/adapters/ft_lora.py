@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..optim import Adam
-from .base import Method
+from ..nn import Linear
+from .base import AdaptedLinear, Method
 from .lora import LoraConfig
 
 __all__ = ["FTLoraConfig", "EditingMethod", "FTLoRA", "last_block_targets", "subject_batch"]
@@ -53,13 +54,30 @@ class EditingMethod(Method):
             self.config = dataclasses.replace(self.config, target_modules=last_block_targets(model))
         super().attach(model, seed)
         self.after_attach(model)
-        self.optimizer = Adam(self.param_groups(), lr=self.config.lr)  # edit()'s own, reset per edit
+        self.optimizer = self._edit_optimizer(self.param_groups(), self.config.lr)  # edit()'s own, reset per edit
         self.edits_done = 0
         self.edit_key_pos = None  # edit()'s key positions while it runs
         self.edit_queries = None  # and the keys it was given (key_pos="subject_alone")
 
     def after_attach(self, model) -> None:
         """Set-up that needs the injected layers (ELDER's routers), before the optimizer is made."""
+
+    # ---- the engine: NumPy here; tinyslim.torch.ft_lora.EditingEngine overrides these ----------------------
+    def _edit_optimizer(self, params, lr: float):
+        """edit()'s Adam (before_task resets it with reset_state())."""
+        return Adam(params, lr=lr)
+
+    def _linear_names(self, model) -> list:
+        """The model's linear layers, adapted ones included, by name in model order."""
+        return [n for n, m in model.named_modules()
+                if isinstance(m, (Linear, AdaptedLinear)) and not n.endswith("base_layer")]
+
+    def _submodule(self, model, name: str):
+        return model.get_submodule(name)
+
+    def _numpy(self, t) -> np.ndarray:
+        """An output of the model (logits) as a NumPy array."""
+        return t.data
 
     def param_groups(self) -> list:
         """What edit()'s Adam trains; a group may carry "lr_scale" (its lr = lr_at(i) · lr_scale)."""

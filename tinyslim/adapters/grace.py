@@ -157,16 +157,23 @@ class GraceLinear(AdaptedLinear):
         self.given = None  # (B, D) queries given by the caller (subject_alone); a NaN row: read at key_pos
         self.probe = False  # subject_queries: record q, change nothing
 
+    # the method reads and writes the codebook through these two (the torch layer's copy to and from NumPy)
+    def array(self, name: str) -> np.ndarray:
+        return getattr(self, name).data
+
+    def write(self, name: str, index, value) -> None:
+        getattr(self, name).data[index] = value
+
     @property
     def n_keys(self) -> int:
-        return int(np.count_nonzero(self.radii.data))  # slots fill in order, so they are the first n
+        return int(np.count_nonzero(self.array("radii")))  # slots fill in order, so they are the first n
 
     def nearest(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(j* (B,), ‖q − k_{j*}‖₂ (B,)) over the stored keys, ties to the newest; (−1, inf) if none."""
         n = self.n_keys
         if n == 0:
             return np.full(len(q), -1), np.full(len(q), np.inf)
-        diff = np.asarray(q, dtype=np.float64)[:, None, :] - self.keys.data[None, :n]  # (B, n, D)
+        diff = np.asarray(q, dtype=np.float64)[:, None, :] - self.array("keys")[None, :n]  # (B, n, D)
         dist = np.sqrt((diff * diff).sum(-1))  # differences, not |q|² + |k|² − 2q·k, which cancels near 0
         j = n - 1 - np.argmin(dist[:, ::-1], axis=1)  # argmin takes the first: scan from the newest
         return j, dist[np.arange(len(q)), j]
@@ -174,13 +181,20 @@ class GraceLinear(AdaptedLinear):
     def lookup(self, q: np.ndarray) -> np.ndarray:
         """(B,) the key each query uses: j* where ‖q − k_{j*}‖ ≤ ε_{j*}, else −1 (the base output)."""
         j, dist = self.nearest(q)
-        return np.where((j >= 0) & (dist <= self.radii.data[j]), j, -1)
+        return np.where((j >= 0) & (dist <= self.array("radii")[j]), j, -1)
 
     def forward(self, x):  # x (B, T, D) -> (B, T, O)
         y = self.base_layer(x)
         if self.disabled:
             return y
-        data = x.data if isinstance(x, Tensor) else np.asarray(x)
+        pos = self.route_rows(x.data if isinstance(x, Tensor) else np.asarray(x), lambda rows, p: y.data[rows, p])
+        if pos is None:
+            return y  # a probe, or no key in range: the base layer itself
+        return replace_at(y, self.values, pos, self.slot)
+
+    def route_rows(self, data: np.ndarray, output_at):
+        """Set q (B, D) and slot (B,) from the layer's input `data` (B, T, D); output_at(rows, pos) gives the base
+        output there (a new key's value). Returns the key positions (B,), or None when nothing is replaced."""
         if data.ndim != 3:
             raise ValueError(f"the codebook layer expects (B, T, D) inputs, got shape {data.shape}")
         B, T, _ = data.shape
@@ -189,19 +203,17 @@ class GraceLinear(AdaptedLinear):
             raise ValueError(f"key positions {pos.tolist()} do not fit a batch of {B} rows of length {T}")
         self.q = data[np.arange(B), pos].copy()  # (B, D), detached
         if self.probe:
-            return y
+            return None
         if self.given is not None:
             if len(self.given) != B:
                 raise ValueError(f"{len(self.given)} given queries for a batch of {B} rows")
             rows = ~np.isnan(self.given[:, 0])
             self.q[rows] = self.given[rows]
         if self.edit_slots is not None:
-            self.slot = self.edit_slots(self.q, y.data[np.arange(B), pos])
+            self.slot = self.edit_slots(self.q, output_at(np.arange(B), pos))
         else:
             self.slot = self.lookup(self.q)
-        if (self.slot < 0).all():
-            return y  # no key in range: the base layer itself
-        return replace_at(y, self.values, pos, self.slot)
+        return None if (self.slot < 0).all() else pos
 
     def delta_weight(self):
         raise NotImplementedError("a GRACE codebook cannot be merged into W0: the replacement depends on the input")
@@ -222,7 +234,7 @@ class Grace(EditingMethod):
         """Resolve the layer (default: ELDER's routing layer, the first of its adapted layers), then inject."""
         if self.config.layer is None:
             self.config = dataclasses.replace(self.config, layer=last_block_targets(model)[0])
-        linears = [n for n, m in model.named_modules() if isinstance(m, Linear) and not n.endswith("base_layer")]
+        linears = self._linear_names(model)
         if self.config.layer not in linears:
             raise ValueError(f"GraceConfig.layer {self.config.layer!r} is not a Linear of the model; give a full name, "
                              f"one of {linears}")
@@ -275,15 +287,17 @@ class Grace(EditingMethod):
         n = layer.n_keys
         same = [j for j in range(n) if self.key_targets.get(j) == target]
         if same:
-            dist = np.sqrt(((np.asarray(q, dtype=np.float64) - layer.keys.data[same]) ** 2).sum(-1))
+            dist = np.sqrt(((np.asarray(q, dtype=np.float64) - layer.array("keys")[same]) ** 2).sum(-1))
             i = len(same) - 1 - int(np.argmin(dist[::-1]))  # the nearest, ties to the newest
             if dist[i] <= eps:
                 return same[i]  # no new key: this value trains on
-        if n >= len(layer.radii.data):
-            raise RuntimeError(f"the codebook is full ({len(layer.radii.data)} keys); raise GraceConfig.max_edits")
+        capacity = len(layer.array("radii"))
+        if n >= capacity:
+            raise RuntimeError(f"the codebook is full ({capacity} keys); raise GraceConfig.max_edits")
         current = layer.lookup(q[None])[0]
-        layer.values.data[n] = layer.values.data[current] if current >= 0 else y_p  # the layer's current output
-        layer.keys.data[n], layer.radii.data[n] = q, eps
+        layer.write("values", n, layer.array("values")[current] if current >= 0 else y_p)  # the current output
+        layer.write("keys", n, q)
+        layer.write("radii", n, eps)
         self.key_targets[n] = target
         return n
 
@@ -322,7 +336,7 @@ class Grace(EditingMethod):
             logits, _ = self.model(x)
         layer = self.layer
         _, dist = layer.nearest(layer.q)
-        return {"logits": logits.data, "hit": layer.slot >= 0, "slot": layer.slot.copy(), "distance": dist}
+        return {"logits": self._numpy(logits), "hit": layer.slot >= 0, "slot": layer.slot.copy(), "distance": dist}
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict, dict]:
