@@ -140,11 +140,14 @@ setup(
     package_data={"tinyslim": ["assets/*.safetensors", "experiments/tuning/*.json"]},
     python_requires=">=3.10",
     install_requires=["numpy", "cffi>=1.15", "safetensors", "tqdm", "matplotlib"],
-    # Test-only (`make test` installs these): torch 2.13.0 is the CPU build that installs quickly, the float64
-    # oracle; hypothesis is pinned so that the derandomized profile draws the same examples on every machine;
-    # transformers and peft are the real libraries the interop tests load our exports with; jupytext,
-    # nbclient and ipykernel run the tutorials as notebooks.
-    extras_require={"test": ["torch==2.13.0", "pytest", "hypothesis==6.170.17", "transformers==5.23.0",
+    # torch: the optional torch path (tinyslim.torch: the methods on Hugging Face models, `run continual --engine
+    # torch`, DistributedDataParallel), with the versions the tests pin. A GPU build of torch works as well.
+    # test (`make test` installs these): torch 2.13.0 is the CPU build that installs quickly, the float64 oracle
+    # and the torch path's engine; hypothesis is pinned so that the derandomized profile draws the same examples
+    # on every machine; transformers and peft are the real libraries the interop tests load our exports with and
+    # the torch path runs on; jupytext, nbclient and ipykernel run the tutorials as notebooks.
+    extras_require={"torch": ["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"],
+                    "test": ["torch==2.13.0", "pytest", "hypothesis==6.170.17", "transformers==5.23.0",
                              "peft==0.21.2", "jupytext==1.19.6", "nbclient==0.11.0", "ipykernel==7.4.0"]},
     cffi_modules=[] if found is None else ["ext/build_cpu.py:ffibuilder"],
     cmdclass={"build_ext": build_ext},
