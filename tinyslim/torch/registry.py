@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from .chain import COLA
+from .elder import Elder
+from .ft_lora import FTLoRA
+from .grace import Grace
 from .ilora import ILoRA
 from .lora import ER, SeqLoRA
 from .merging import NLA, LoraSum
@@ -10,7 +13,7 @@ from .mole import Mole
 __all__ = ["METHODS", "make_method"]
 
 # one line per method file; the names are the NumPy registry's (tinyslim.adapters.REGISTRY)
-METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA, Mole, NLA, LoraSum)}
+METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA, Mole, NLA, LoraSum, Elder, FTLoRA, Grace)}
 
 
 def make_method(name: str, **overrides):
