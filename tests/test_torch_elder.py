@@ -88,8 +88,8 @@ def assert_close(ours, theirs, rtol: float, what: str, atol: float = 0.0) -> flo
     assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
     diff = float(np.abs(a - b).max()) if a.size else 0.0
     scale = float(np.abs(b).max()) if b.size else 0.0
-    assert diff <= rtol * scale + atol, (f"{what}: max |numpy − torch| = {diff:.3e} > {rtol:g}·{scale:.3e} + {atol:g}; "
-                                         f"first values numpy {a.ravel()[:4]} torch {b.ravel()[:4]}")
+    assert diff <= rtol * scale + atol, (f"{what}: max |numpy − torch| = {diff:.3e} > {rtol:g}·{scale:.3e} + "
+                                         f"{atol:g}; first values numpy {a.ravel()[:4]} torch {b.ravel()[:4]}")
     return diff
 
 
@@ -293,7 +293,31 @@ def test_grace_matches_numpy(case):
     assert_close(out_a["logits"], out_b["logits"], STEP_RTOL, "logits", ADAM_NOISE)
 
 
-# ---- the registry and the engine's hooks -------------------------------------------------------------------
+# ---- checkpoints, the registry and the engine's hooks ----------------------------------------------------
+
+def test_a_numpy_checkpoint_restored_on_torch_routes_the_same():
+    """ELDER and GRACE edited on NumPy, their state_dict loaded into fresh torch methods: the same codes, keys
+    and decisions (z, Hamming distances, hits, slots), the logits to float64 rounding."""
+    config = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+    rng = np.random.default_rng(0)
+    edits = [edit_batch(rng, config, B=2) for _ in range(2)]
+    probe = np.concatenate([edits[0][0], rng.integers(1, config.vocab_size, (2, 5))])
+    key = key_positions(probe, np.concatenate([edits[0][2]] * 2))
+    for cls_numpy, cls_torch, over in ((adapters.Elder, Elder, dict(ELDER_PAPER, n_experts=3, n_iter=2)),
+                                       (adapters.Grace, Grace, dict(n_iter=2, max_edits=8))):
+        ours, theirs = pair(cls_numpy, cls_torch, config, 1, 0, **over)
+        for x, y, m in edits:
+            ours.edit(x, y, m)
+        theirs.load_state_dict(*ours.state_dict())
+        a, b = ours.route(probe, key), theirs.route(probe, key)
+        for name in a:
+            if name in ("logits", "distance"):
+                assert_close(a[name], b[name], FORWARD_RTOL, name)
+            else:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert a.get("z", a.get("hit"))[:2].all()  # the edited prompts are routed
+
+
 
 def test_editing_methods_are_registered_and_use_torch_adam():
     for name, cls in (("elder", Elder), ("ft_lora", FTLoRA), ("grace", Grace)):

@@ -5,18 +5,28 @@ torch's.
 Shape legend: B sequences, T time, N = B·T tokens, D in, O out, r rank, E experts, k top-k, d_q query width.
 
     q        the routing layer's input at the key token (detached, NumPy; normalised as the config says)
-    p        = softmax(W_g q + b_g)                              (B, E)   router_weight W_g (E, d_q), router_bias b_g (E,)
-    S        = TopK(W_g q + b_g, k);  g = p on S                 (B, k)   raw probabilities (or renormalised)
-    G        = scatter(g on S) · z                               (B, E)   dense gate, 0 off S and on deferred rows
-    Δ        = s · ((x A_catᵀ) ⊙ G_tok⊗1_r) B_cat               (N, O)   A_cat (E·r, D), B_cat (E·r, O), G_tok = G per token
-    L_g      = −(1/B) Σ_b Σ_{j∈T_b} log p_{b,j}                   the guided loss, while editing
+    p        = softmax(W_g q + b_g)                    (B, E)   W_g = router_weight (E, d_q), b_g = router_bias (E,)
+    S        = TopK(W_g q + b_g, k);  g = p on S       (B, k)   raw probabilities (or renormalised)
+    G        = scatter(g on S) · z                     (B, E)   dense gate: 0 off S and on deferred rows (z = 0)
+    Δ        = s · ((x A_catᵀ) ⊙ G_tok) B_cat          (N, O)   A_cat (E·r, D), B_cat (E·r, O): the experts stacked;
+                                                                G_tok (N, E·r): each token's sequence gate, r times
+    L_g      = −(1/B) Σ_b Σ_{j∈T_b} log p_{b,j}         the guided loss, while editing
 
 The dense gate form is the top-k mixture with the other experts' gates 0 (the NumPy kernel's top-k form adds
 the same terms in another order); a deferred row (z = 0) has G = 0, so its Δ is exactly 0 and the layer's
 output the base's bit for bit. What the method does with the arrays (presets, codes, Hamming deferral, the
 query mean) is the NumPy method's code, reading and writing the layers through ``array`` / ``write`` and
 choosing experts through ``select``. Random draws (A, the routers, hashed presets) come from the same named
-NumPy streams in the same order, so one seed gives the same ELDER on both engines.
+NumPy streams in the same order, so one seed gives the same ELDER on both engines. The dense form costs the
+two matmuls of one rank-E·r LoRA (E·r = 32 at the defaults: FT-LoRA's rank).
+
+    from tinyslim.torch import from_gpt, make_method
+    elder = make_method("elder")                     # ElderConfig's fields; make_method("elder", **ELDER_PAPER)
+    elder.attach(from_gpt(gpt), seed=0)              # or a CausalLM / transformers GPT-2 model
+    elder.fit_query_mean(text)                       # query_norm="centred": μ from unlabelled text (B, T)
+    q = elder.subject_queries(subject_ids)           # key_pos="subject_alone"
+    elder.edit(x, y, mask, key_pos=subject_positions(prompts, subjects), queries=q)
+    out = elder.route(x, key_pos, q)                 # {"logits" (NumPy), "z", "min_hamming"}
 """
 from __future__ import annotations
 
@@ -32,7 +42,12 @@ from .ft_lora import EditingEngine
 from .layers import AdaptedLinear, base_weight
 from .method import TorchMethod
 
-__all__ = ["ArrayAccess", "ElderLinear", "QueryTap", "Elder"]
+__all__ = ["ArrayAccess", "ElderLinear", "QueryTap", "Elder", "long_index"]
+
+
+def long_index(a, device) -> torch.Tensor:
+    """NumPy indices (experts, rows, slots: decided on the NumPy side) as a torch index tensor."""
+    return torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)
 
 
 class ArrayAccess:
@@ -103,14 +118,14 @@ class ElderLinear(ArrayAccess, AdaptedLinear):
             return x.new_zeros(N, self.out_features)  # every row deferred: the base
         logits = self.router_logits(q)  # (B, E)
         p = torch.softmax(logits, dim=-1)  # p^l
-        index = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=x.device)  # noqa: E731
         hard = ctx.editing and cfg.routing == "hard"
-        S = index(ctx.preset[self] if hard else top_k(logits.detach().cpu().numpy(), cfg.top_k))  # S^l (B, k)
+        S = long_index(ctx.preset[self] if hard else top_k(logits.detach().cpu().numpy(), cfg.top_k), x.device)  # S^l
         g = p.gather(1, S)  # raw probabilities on S
         if cfg.renormalize_gates:
             g = g / g.sum(dim=1, keepdim=True)
         if ctx.editing and cfg.guide_coef:
-            self.guide_loss = -torch.log_softmax(logits, dim=-1).gather(1, index(ctx.preset[self])).sum() / float(B)
+            T_l = long_index(ctx.preset[self], x.device)  # the preset allocation (B, k)
+            self.guide_loss = -torch.log_softmax(logits, dim=-1).gather(1, T_l).sum() / float(B)
         G = torch.zeros_like(p).scatter(1, S, g) * self.tensor(z)[:, None]  # (B, E): 0 off S and on z = 0 rows
         E, r = self.E, self.config.r
         gate = G.repeat_interleave(N // B, dim=0).repeat_interleave(r, dim=1)  # (N, E·r): a sequence's gate per token

@@ -16,10 +16,9 @@ arrays), so both engines pick the same keys.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .. import adapters
-from .elder import ArrayAccess
+from .elder import ArrayAccess, long_index
 from .ft_lora import EditingEngine
 from .layers import AdaptedLinear
 from .method import TorchMethod
@@ -57,8 +56,8 @@ class GraceLinear(ArrayAccess, AdaptedLinear):
         if pos is None:
             return y  # a probe, or no key in range: the base layer itself
         rows = np.flatnonzero(self.slot >= 0)
-        index = lambda a: torch.as_tensor(a, dtype=torch.long, device=y.device)  # noqa: E731
-        return y.index_put((index(rows), index(pos[rows])), self.values[index(self.slot[rows])])
+        index = (long_index(rows, y.device), long_index(pos[rows], y.device))
+        return y.index_put(index, self.values[long_index(self.slot[rows], y.device)])  # y[b, p_b] = v_{slot_b}
 
     def delta_weight(self):
         raise NotImplementedError("a GRACE codebook cannot be merged into W0: the replacement depends on the input")
