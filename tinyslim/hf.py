@@ -31,7 +31,8 @@ from .nn import GPT, GPTConfig
 
 __all__ = ["CONV1D_SUFFIXES", "hf_gpt2_config", "gpt_config_from_hf", "hf_gpt2_state_dict", "save_hf_gpt2",
            "load_hf_gpt2", "merged_model", "save_merged", "peft_adapter_config", "save_peft_adapter",
-           "load_peft_adapter"]
+           "load_peft_adapter", "check_lora_layers", "lora_adapter_config", "refuse_tied_knots", "method_lora_alpha",
+           "write_peft_adapter", "read_peft_adapter"]
 
 CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # stored (in, out) by GPT-2
 _CAUSAL_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # older transformers saved the mask; not weights
@@ -242,11 +243,16 @@ def _lora_layers(model):
     from .adapters.base import adapted_layers
     from .adapters.lora import LoraLinear
 
-    layers = adapted_layers(model)
+    return check_lora_layers(adapted_layers(model), LoraLinear)
+
+
+def check_lora_layers(layers: list, lora_class) -> list:
+    """(name, layer) pairs that one PEFT LORA adapter can hold: plain `lora_class` layers, unmerged, with one
+    (r, scale, dropout); else ValueError with the reason (either engine's layers)."""
     if not layers:
         raise ValueError("the model carries no adapters to export (inject or attach a LoRA method first)")
     for name, layer in layers:
-        if not isinstance(layer, LoraLinear):
+        if not isinstance(layer, lora_class):
             raise ValueError(f"{name} is a {type(layer).__name__}: PEFT's LORA format holds plain LoRA layers only "
                              "(save_merged(...) writes any mergeable method as a plain GPT-2)")
         if layer.merged:
@@ -261,14 +267,16 @@ def _lora_layers(model):
     return layers
 
 
-def _target_suffixes(model, names: list) -> list:
-    """The shortest suffixes ("attn.c_attn") that select exactly `names` by PEFT's rule, else the full names."""
-    from .adapters.verbs import AdaptedLinear, matches_target
-    from .nn import Linear
+def _target_suffixes(candidates: list, names: list) -> list:
+    """Suffixes that select exactly `names` among `candidates` (every wrappable layer's name) by PEFT's rule:
+    GPT-2's path inside a block ("attn.c_attn"), else the last part ("q_proj"), else the full names. (The last
+    part selects a superset of what the block path selects, so it is tried only where the names have no ".h.")"""
+    from .adapters.verbs import matches_target
 
-    candidates = [n for n, m in model.named_modules()
-                  if isinstance(m, (Linear, AdaptedLinear)) and not n.endswith("base_layer")]
-    suffixes = sorted({n.split(".h.", 1)[1].split(".", 1)[1] if ".h." in n else n for n in names})
+    if any(".h." in n for n in names):
+        suffixes = sorted({n.split(".h.", 1)[1].split(".", 1)[1] if ".h." in n else n for n in names})
+    else:
+        suffixes = sorted({n.rpartition(".")[2] for n in names})
     return suffixes if [n for n in candidates if matches_target(n, suffixes)] == names else list(names)
 
 
@@ -276,7 +284,18 @@ def peft_adapter_config(model, lora_alpha: float | None = None, use_rslora: bool
                         base_model_name_or_path: str | None = None) -> dict:
     """adapter_config.json for the model's LoRA layers. PEFT's scale is lora_alpha / r (/ √r with rsLoRA);
     without lora_alpha it is s·r, so that PEFT's scale is the layers' s."""
-    layers = _lora_layers(model)
+    from .adapters.verbs import AdaptedLinear
+    from .nn import Linear
+
+    candidates = [n for n, m in model.named_modules()
+                  if isinstance(m, (Linear, AdaptedLinear)) and not n.endswith("base_layer")]
+    return lora_adapter_config(_lora_layers(model), candidates, lora_alpha, use_rslora, base_model_name_or_path)
+
+
+def lora_adapter_config(layers: list, candidates: list, lora_alpha: float | None = None, use_rslora: bool = False,
+                        base_model_name_or_path: str | None = None, fan_in_fan_out: bool = True) -> dict:
+    """adapter_config.json for checked LoRA layers (check_lora_layers) among the wrappable `candidates`
+    (either engine's). fan_in_fan_out: the base layers store W (in, out) (GPT-2's Conv1D)."""
     first = layers[0][1]
     if lora_alpha is None:
         lora_alpha, use_rslora = first.scale * first.r, False
@@ -285,8 +304,32 @@ def peft_adapter_config(model, lora_alpha: float | None = None, use_rslora: bool
                          f"layers' s = {first.scale} at r = {first.r}")
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
             "r": first.r, "lora_alpha": lora_alpha, "lora_dropout": first.dropout, "use_rslora": use_rslora,
-            "target_modules": _target_suffixes(model, [n for n, _ in layers]), "fan_in_fan_out": True,
+            "target_modules": _target_suffixes(candidates, [n for n, _ in layers]), "fan_in_fan_out": fan_in_fan_out,
             "bias": "none", "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+
+
+def refuse_tied_knots(method) -> None:
+    """A COLA chain that has tied knots moved its base weights: its adapter alone no longer gives the model."""
+    if getattr(method, "history", None):
+        raise ValueError(f"{method.name} has tied {len(method.history)} knot(s) into the base weights: the "
+                         "adapter alone no longer reproduces the model; use save_merged(method, dir)")
+
+
+def method_lora_alpha(config, layer) -> tuple:
+    """(lora_alpha, use_rslora) of a Method's config when its layer is at the config's r and scale, else
+    (None, False) (a COLA step-down link: PEFT's config then carries its scale as s·r)."""
+    if layer.r == config.r and math.isclose(layer.scale, config.scale, rel_tol=1e-12):
+        return config.lora_alpha, config.use_rslora
+    return None, False
+
+
+def write_peft_adapter(directory, tensors: dict, config: dict) -> Path:
+    """adapter_model.safetensors (NumPy `tensors`), then adapter_config.json, each atomically."""
+    directory = Path(directory)
+    atomic_write_bytes(directory / "adapter_model.safetensors",
+                       safetensors_bytes(tensors, {"format": "pt"}, checksum=True))
+    atomic_write_json(directory / "adapter_config.json", config)
+    return directory
 
 
 def save_peft_adapter(model_or_method, directory, base_model_name_or_path: str | None = None,
@@ -299,27 +342,17 @@ def save_peft_adapter(model_or_method, directory, base_model_name_or_path: str |
     (its base moved; save_merged writes its W_final)."""
     from .adapters.base import Method
 
-    alpha, rslora, model = None, False, model_or_method
     if isinstance(model_or_method, Method):
         method = model_or_method
-        if getattr(method, "history", None):
-            raise ValueError(f"{method.name} has tied {len(method.history)} knot(s) into the base weights: the "
-                             "adapter alone no longer reproduces the model; use save_merged(method, dir)")
-        cfg = method.config
+        refuse_tied_knots(method)
         with method.evaluating(learner) as model:
-            layer = _lora_layers(model)[0][1]
-            if layer.r == cfg.r and math.isclose(layer.scale, cfg.scale, rel_tol=1e-12):
-                alpha, rslora = cfg.lora_alpha, cfg.use_rslora
+            alpha, rslora = method_lora_alpha(method.config, _lora_layers(model)[0][1])
             config = peft_adapter_config(model, alpha, rslora, base_model_name_or_path)
             tensors = _peft_tensors(model)
     else:
-        config = peft_adapter_config(model, None, False, base_model_name_or_path)
-        tensors = _peft_tensors(model)
-    directory = Path(directory)
-    atomic_write_bytes(directory / "adapter_model.safetensors",
-                       safetensors_bytes(tensors, {"format": "pt"}, checksum=True))
-    atomic_write_json(directory / "adapter_config.json", config)
-    return directory
+        config = peft_adapter_config(model_or_method, None, False, base_model_name_or_path)
+        tensors = _peft_tensors(model_or_method)
+    return write_peft_adapter(directory, tensors, config)
 
 
 def _peft_tensors(model) -> dict:
@@ -340,8 +373,26 @@ def load_peft_adapter(model: GPT, directory, seed: int = 0):
     """Inject PEFT's LoRA (from adapter_config.json) into a plain GPT and load adapter_model.safetensors into
     it; only the adapters train afterwards. Returns the LoraConfig. The file is checked against the model
     (every key, every shape) before anything is injected, so a failed load leaves the model as it was."""
-    from .adapters.verbs import inject, linear_names, mark_only_adapters_trainable, matches_target
+    from .adapters.verbs import inject, linear_names, mark_only_adapters_trainable
+
+    features = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+                for name in linear_names(model)}
+    config, state = read_peft_adapter(directory, features)
+    inject(model, config, seed)
+    mark_only_adapters_trainable(model)
+    for key, value in state.items():
+        module_name, _, factor = key.rpartition(".")
+        target = getattr(model.get_submodule(module_name), factor)
+        target.data[...] = value.astype(target.dtype)
+    return config
+
+
+def read_peft_adapter(directory, features: dict) -> tuple:
+    """(LoraConfig, {"<module>.lora_A": (r, in) array, "<module>.lora_B": (out, r), ...}) of a PEFT LORA
+    directory, checked against a model's wrappable layers `features` {name: (in, out)} (either engine's):
+    every key and every shape, so that the caller can inject knowing the load will succeed."""
     from .adapters.lora import LoraConfig
+    from .adapters.verbs import matches_target
 
     directory = Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
@@ -363,12 +414,11 @@ def load_peft_adapter(model: GPT, directory, seed: int = 0):
         raise CheckpointError(f"{config_path}: {err}") from None
 
     arrays, _ = read_safetensors(weights_path)
-    names = [n for n in linear_names(model) if matches_target(n, config.target_modules)]
-    linears = {name: model.get_submodule(name) for name in names}
     expected = {}
-    for name, lin in linears.items():
-        expected[f"{name}.lora_A"] = (config.r, lin.in_features)
-        expected[f"{name}.lora_B"] = (lin.out_features, config.r)
+    for name, (D, O) in features.items():
+        if matches_target(name, config.target_modules):
+            expected[f"{name}.lora_A"] = (config.r, D)
+            expected[f"{name}.lora_B"] = (O, config.r)
     state = {}
     for key, value in arrays.items():
         inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
@@ -387,10 +437,4 @@ def load_peft_adapter(model: GPT, directory, seed: int = 0):
         if state[key].shape != shape:
             raise CheckpointError(f"{weights_path}: {key} has shape {state[key].shape}, expected {shape} "
                                   "(lora_A is (r, in), lora_B is (out, r), for Conv1D layers too)")
-    inject(model, config, seed)
-    mark_only_adapters_trainable(model)
-    for key, value in state.items():
-        module_name, _, factor = key.rpartition(".")
-        target = getattr(model.get_submodule(module_name), factor)
-        target.data[...] = value.astype(target.dtype)
-    return config
+    return config, state
