@@ -1,10 +1,10 @@
 """One training step (forward + backward + optimizer) of tinyslim against the same model in plain torch
 on the CPU, with the same thread count, in one process, on the same batch.
 
-    python -m tinyslim bench train-step [--part all|pretraining|scenario-a] [--steps 20] [--threads 2]
+    python -m tinyslim bench train-step [--part all|pretraining|scenario-a|torch-path] [--steps 20] [--threads 2]
                                         [--json out.json]
 
-Two parts:
+Three parts:
   pretraining   the whole GPT (batch 32 × 128, AdamW on every weight) against TorchGPT: tokens/s for
                 both, the ratio (> 1 means tinyslim is faster), and where tinyslim's time goes (per op,
                 forward and backward), measured by timing every Function during a few extra steps;
@@ -12,7 +12,10 @@ Two parts:
                 (rank 8, α 16, on attn.c_attn, mlp.c_fc, mlp.c_proj), Adam, gradient clipping at 1. A
                 LoRA step and a SLIM step (top-2 of 4 LoRA + 2 identity experts, masks, L1), each against
                 a torch twin doing the same step in float32 (tests/torch_adapters.py; SLIM's with its
-                routing written in batched torch ops), the two timed in alternation; the ratio.
+                routing written in batched torch ops), the two timed in alternation; the ratio;
+  torch path    the same scenario-A LoRA and SLIM steps on tinyslim's own two engines: the NumPy path beside
+                the torch path (tinyslim.torch on a transformers GPT2LMHeadModel with the base's weights,
+                docs/torch.md), alternating; the ratio.
 """
 from __future__ import annotations
 
@@ -282,12 +285,72 @@ def scenario_a(args, np, torch) -> dict:
     return out
 
 
+def torch_path(args, np, torch) -> dict:
+    """Scenario A's step on tinyslim's two engines: the NumPy path (tinyslim.adapters on the NumPy GPT) and the
+    torch path (tinyslim.torch on from_gpt of the same base, a transformers GPT2LMHeadModel), float32 both, the
+    same method, seed, batch, step (loss, clip 1, Adam, after_step) and thread count, timed in alternation."""
+    import copy
+
+    import tinyslim.torch as tt
+    from tinyslim.adapters import make_method
+    from tinyslim.optim import Adam, clip_grad_norm_
+    from tinyslim.pretrained import load_base
+
+    cfg = SCENARIO_A
+    base = load_base(progress=False, log=lambda *a, **k: None)
+    rng = np.random.default_rng(0)
+    V = base.config.vocab_size
+    x, y = rng.integers(1, V, (cfg["batch"], cfg["T"])), rng.integers(1, V, (cfg["batch"], cfg["T"]))
+    mask = np.ones((cfg["batch"], cfg["T"]))
+    settings = dict(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
+    engines = {"numpy": (lambda: copy.deepcopy(base), make_method, Adam, clip_grad_norm_),
+               "torch": (lambda: tt.from_gpt(base), tt.make_method, tt.optim.Adam, tt.optim.clip_grad_norm_)}
+    print(f"\ntorch path: scenario A's step (batch {cfg['batch']} × {cfg['T']}, rank {cfg['r']}, Adam, clip "
+          f"{cfg['grad_clip']}) with tinyslim.torch on a GPT2LMHeadModel beside the NumPy path; float32, torch "
+          f"{torch.get_num_threads()} threads, BLAS {os.environ.get('OPENBLAS_NUM_THREADS')}")
+    print(f"{'method':10s} {'numpy ms':>9s} {'torch ms':>9s} {'ratio':>6s}  (median of {args.steps} alternating "
+          "steps; ratio = torch path / NumPy path time, > 1: NumPy faster)   loss numpy / torch at step 1")
+
+    def make_step(name, engine, losses):
+        model_of, make, optimizer_class, clip = engines[engine]
+        method = make(name, **settings)
+        method.attach(model_of(), 0)
+        params = method.trainable_parameters()
+        opt = optimizer_class(params, lr=cfg["lr"])
+
+        def step():
+            loss = method.loss(x, y, mask)
+            opt.zero_grad()
+            loss.backward()
+            clip(params, cfg["grad_clip"])
+            opt.step()
+            method.after_step(0, opt)
+            losses.setdefault(engine, loss.item())
+        return step
+
+    out = {}
+    for name in ("lora", "slim"):
+        if name not in tt.METHODS:
+            print(f"{name:10s} (no torch class yet)")
+            continue
+        losses = {}
+        steps = {engine: make_step(name, engine, losses) for engine in engines}
+        times = _alternating(steps, args.warmup, args.steps)
+        ours, theirs = _percentiles(times["numpy"]), _percentiles(times["torch"])
+        ratio = theirs["median_s"] / ours["median_s"]
+        print(f"{name:10s} {ours['median_s'] * 1e3:9.2f} {theirs['median_s'] * 1e3:9.2f} {ratio:6.2f}  "
+              f"(p10 {ours['p10_s'] * 1e3:.2f} / {theirs['p10_s'] * 1e3:.2f} ms)   "
+              f"{losses['numpy']:.5f} / {losses['torch']:.5f}")
+        out[name] = {"numpy": ours, "torch": theirs, "ratio_torch_over_numpy": ratio, "first_loss": losses}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m tinyslim bench train-step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "pretraining", "scenario-a"), default="all",
-                        help="which steps to time (default: both parts)")
+    parser.add_argument("--part", choices=("all", "pretraining", "scenario-a", "torch-path"), default="all",
+                        help="which steps to time (default: every part)")
     parser.add_argument("--batch-size", type=int, default=32, help="pretraining part: sequences per batch")
     parser.add_argument("--block-size", type=int, default=128, help="pretraining part: tokens per sequence")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
@@ -315,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         result["pretraining"] = pretraining(args, np, torch)
     if args.part in ("all", "scenario-a"):
         result["scenario_a"] = scenario_a(args, np, torch)
+    if args.part in ("all", "torch-path"):
+        result["torch_path"] = torch_path(args, np, torch)
     result["load_average_end"] = os.getloadavg()
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average_end'])}")
     if args.json:

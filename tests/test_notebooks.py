@@ -2,7 +2,8 @@
 
 A figure must show inline (an image/png output in the notebook), which it does only if the tutorial
 leaves matplotlib's backend to the kernel (no forced "Agg"); the PNG under runs/tutorials/ must still be
-written, and the tutorial's own checks must pass. Two tutorials with plots are enough to hold the rule;
+written, and the tutorial's own checks must pass. Two tutorials with plots are enough to hold the rule, and
+tutorial 11 runs here too: the torch path (torch and transformers imported in the kernel) as a notebook;
 tests/test_tutorials.py runs every tutorial as a script.
 """
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = {"03_forgetting": "03_forgetting_matrix.png", "09_kernel": "09_roofline.png"}
+NOTEBOOKS = {"03_forgetting": "03_forgetting_matrix.png", "09_kernel": "09_roofline.png",
+             "11_toy_to_real": "11_two_engines.png"}
 MISSING = ("the notebook test needs jupytext, nbclient and ipykernel (test extras): run `make test`, or "
            "`pip install -e '.[test]'`")
 
@@ -23,6 +25,8 @@ def test_tutorial_runs_as_a_notebook_and_shows_its_figures_inline(name, tmp_path
         from nbclient import NotebookClient
     except ImportError:
         pytest.skip(MISSING)
+    if name == "11_toy_to_real":
+        pytest.importorskip("transformers")  # the torch path (torch and transformers: the torch extra)
     nb = jupytext.read(ROOT / "tutorials" / f"{name}.py")
     assert any(c.cell_type == "markdown" for c in nb.cells) and any(c.cell_type == "code" for c in nb.cells)
     # the kernel inherits this environment: fast mode, the checkout importable, and no backend chosen for it

@@ -194,3 +194,19 @@ def test_the_evaluation_helpers_measure_a_torch_model_as_the_numpy_one(world):
     assert abs(evaluate_loss(lm, batches) - evaluate_loss(base, batches)) < RTOL
     assert next_char_accuracy(lm, batches) == next_char_accuracy(base, batches)
     assert next_char_accuracy(lm, batches, reference=from_gpt(base)) == 1.0
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def test_cli_run_continual_on_the_torch_engine(tmp_path, capsys):
+    import json
+
+    from tinyslim.cli import main
+
+    common = ["--tasks", "rev", "--steps", "2", "--batch-size", "2", "--n-train", "10", "--n-test", "2",
+              "--eval-batches", "1", "--no-fact-recall", "--runs-dir", str(tmp_path), "--quiet"]
+    assert main(["run", "continual", "--engine", "torch", "--methods", "lora", "--name", "t", *common]) == 0
+    doc = json.loads((tmp_path / "t" / "continual.json").read_text())
+    assert doc["engine"] == "torch" and doc["cli_args"]["engine"] == "torch" and "lora" in doc["summary"]
+    assert main(["run", "composition", "--engine", "torch", "--runs-dir", str(tmp_path), "--quiet"]) == 2
+    assert "--engine" in capsys.readouterr().err

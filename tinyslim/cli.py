@@ -316,7 +316,7 @@ def cmd_run(args) -> int:
         overrides = method_overrides(args.method_args, methods)
         model, source = base_model(progress=not args.quiet, path=args.base)
         doc = run_methods(methods, config, seeds, model, overrides, progress=not args.quiet,
-                          checkpoint_dir=out_dir / "checkpoints", resume=args.resume)
+                          checkpoint_dir=out_dir / "checkpoints", resume=args.resume, engine=args.engine)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -337,7 +337,8 @@ def cmd_run_all(args) -> int:
                                         ("--rank", args.rank), ("--tasks", args.tasks), ("--n-train", args.n_train),
                                         ("--n-test", args.n_test), ("--eval-batches", args.eval_batches),
                                         ("--method-args", args.method_args), ("--set", args.set),
-                                        ("--resume", args.resume), ("--no-fact-recall", args.no_fact_recall)) if value]
+                                        ("--resume", args.resume), ("--no-fact-recall", args.no_fact_recall),
+                                        ("--engine", args.engine)) if value]
     if ignored:
         print(f"error: `run all` runs every world at a named --size (quick or full), so options such as "
               f"{', '.join(ignored)} do not apply to `run all`; run one scenario to change its settings",
@@ -368,7 +369,7 @@ def cmd_run_world(args) -> int:
         from .experiments.editing import run_editing as run
     ignored = [flag for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--lr", args.lr),
                                         ("--rank", args.rank), ("--method-args", args.method_args),
-                                        ("--resume", args.resume)) if value]
+                                        ("--resume", args.resume), ("--engine", args.engine)) if value]
     if scenario == "editing":
         ignored += [flag for flag, value in (("--tasks", args.tasks), ("--n-train", args.n_train),
                                              ("--n-test", args.n_test), ("--eval-batches", args.eval_batches),
@@ -577,7 +578,7 @@ def _tune_parser(sub) -> None:
 # runner's own one-line explanation instead of argparse's usage text
 _RUN_SHOWS = {
     "continual": {"--tasks", "--steps", "--batch-size", "--lr", "--rank", "--n-train", "--n-test", "--eval-batches",
-                  "--no-fact-recall", "--method-args", "--resume"},
+                  "--no-fact-recall", "--method-args", "--resume", "--engine"},
     "composition": {"--tasks", "--n-train", "--n-test", "--eval-batches", "--no-fact-recall", "--set"},
     "editing": {"--set"},
     "all": {"--size", "--scenarios", "--no-plots", "--workers", "--frontier", "--update"},
@@ -623,6 +624,9 @@ def _run_scenario_parser(runs, scenario: str, aliases: list, help: str) -> None:
         f"{'mole_steps=600' if scenario == 'composition' else 'stream_lengths=(10,50,100)'} (repeatable)")
     add("--resume", action="store_true", help="go on from the run directory's checkpoints (written every 100 "
         "steps and at task boundaries), ending as an uninterrupted run would")
+    add("--engine", choices=("numpy", "torch"), default=None, help="numpy (default): tinyslim's own autograd; "
+        "torch: the same methods on PyTorch, the base model as a transformers GPT2LMHeadModel (needs the [torch] "
+        "extra; docs/torch.md)")
     add("--update", default=None, metavar="DIR", help="re-run only --scenarios and replace them in the report in DIR "
         "(same --size and seeds); its claims, tables and plots are made again, and the report says what was re-run")
     runs_it.add_argument("--name", default=None, help="run directory name under --runs-dir (default "
