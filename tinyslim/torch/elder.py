@@ -38,7 +38,7 @@ from torch.nn import functional as TF
 
 from .. import adapters
 from ..adapters.elder import top_k
-from .ft_lora import EditingEngine
+from .ft_lora import EditingEngine, as_numpy
 from .layers import AdaptedLinear, base_weight
 from .method import TorchMethod
 
@@ -55,7 +55,7 @@ class ArrayAccess:
     ``write(name, index, value)`` an in-place write without gradient."""
 
     def array(self, name: str) -> np.ndarray:
-        return getattr(self, name).detach().cpu().numpy()
+        return as_numpy(getattr(self, name))
 
     @torch.no_grad()
     def write(self, name: str, index, value) -> None:
@@ -100,11 +100,11 @@ class ElderLinear(ArrayAccess, AdaptedLinear):
 
     def select(self, q) -> np.ndarray:  # q (B, d_q) -> S (B, k) ints: TopK(W_g q + b_g, k), no gradient
         with torch.no_grad():
-            return top_k(self.router_logits(q).cpu().numpy(), self.config.top_k)
+            return top_k(as_numpy(self.router_logits(q)), self.config.top_k)
 
     def forward(self, x):  # x (B, T, D)
         if self.is_routing_layer:
-            self.routing.capture(x.detach().cpu().numpy())
+            self.routing.capture(as_numpy(x))
         return super().forward(x)
 
     def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:  # x (N, D) -> Δ (N, O)
@@ -119,7 +119,7 @@ class ElderLinear(ArrayAccess, AdaptedLinear):
         logits = self.router_logits(q)  # (B, E)
         p = torch.softmax(logits, dim=-1)  # p^l
         hard = ctx.editing and cfg.routing == "hard"
-        S = long_index(ctx.preset[self] if hard else top_k(logits.detach().cpu().numpy(), cfg.top_k), x.device)  # S^l
+        S = long_index(ctx.preset[self] if hard else top_k(as_numpy(logits), cfg.top_k), x.device)  # S^l
         g = p.gather(1, S)  # raw probabilities on S
         if cfg.renormalize_gates:
             g = g / g.sum(dim=1, keepdim=True)
@@ -143,7 +143,7 @@ class QueryTap(AdaptedLinear):
     """The routing layer when it is not adapted itself: records its input for q and adds nothing."""
 
     def forward(self, x):  # x (B, T, D)
-        self.routing.capture(x.detach().cpu().numpy())
+        self.routing.capture(as_numpy(x))
         return self.base_layer(x)
 
     def delta_weight(self) -> torch.Tensor:

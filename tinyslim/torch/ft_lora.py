@@ -28,7 +28,13 @@ from .method import TorchMethod
 from .optim import Adam
 from .verbs import inner_model
 
-__all__ = ["EditingEngine", "FTLoRA"]
+__all__ = ["EditingEngine", "FTLoRA", "as_numpy"]
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A detached NumPy copy (a view on the CPU); half precisions widen to float32, which NumPy can hold."""
+    t = t.detach()
+    return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).cpu().numpy()
 
 
 class EditingEngine:
@@ -46,7 +52,7 @@ class EditingEngine:
         return inner_model(model).get_submodule(name)
 
     def _numpy(self, t: torch.Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy()
+        return as_numpy(t)
 
 
 class FTLoRA(EditingEngine, adapters.FTLoRA, TorchMethod):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import adapters
 from .elder import ArrayAccess, long_index
-from .ft_lora import EditingEngine
+from .ft_lora import EditingEngine, as_numpy
 from .layers import AdaptedLinear
 from .method import TorchMethod
 
@@ -52,7 +52,7 @@ class GraceLinear(ArrayAccess, AdaptedLinear):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        pos = self.route_rows(x.detach().cpu().numpy(), lambda rows, p: y.detach()[rows, p].cpu().numpy())
+        pos = self.route_rows(as_numpy(x), lambda rows, p: as_numpy(y[rows, p]))
         if pos is None:
             return y  # a probe, or no key in range: the base layer itself
         rows = np.flatnonzero(self.slot >= 0)
