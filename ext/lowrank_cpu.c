@@ -5,6 +5,7 @@
  *
  *   lowrank_v1.h   version 1: the op as its equation, plain loops (one token, one expert at a time)
  *   lowrank_v2.h   version 2: token blocks, packed factors, register-tiled vector micro-kernels, OpenMP
+ *   lowrank_v3.h   version 3: version 2 with the long sums cache-blocked as in a GEMM (the default)
  *
  * lowrank_cpu_f32.c and lowrank_cpu_f64.c compile every version for float and double and export the
  * entry points of lowrank.h (tsl_forward_f32 … = the newest version; tsl_forward_version_f32 … by number).

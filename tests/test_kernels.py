@@ -449,6 +449,45 @@ def test_validation_messages(backend):
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_fast_path_checks_as_much_as_the_full_one(backend):
+    """The common call (int32 indices, arrays already in shape) takes a shorter path through prepare; it
+    must refuse exactly what the full checks refuse, with the same one-line messages."""
+    p = _valid()
+    bad = np.array([0, 1, 2, 3, 0, 0, 0, 0], np.int32)
+    for gates in (bad, kernels.IndexGates(bad)):
+        with pytest.raises(ValueError, match="expert 3 at position") as info:
+            kernels.forward(p["x"], p["A"], p["B"], gates, backend=backend)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="expert -2"):
+        kernels.forward(p["x"], p["A"], p["B"], np.array([0, -2, 0, 0, 0, 0, 0, 0], np.int32), backend=backend)
+    idx, w = np.tile(np.array([[0, 1]], np.int32), (8, 1)), np.ones((8, 2), np.float32)
+    idx[6] = [1, 1]
+    with pytest.raises(ValueError, match="row 6 picks expert 1 twice"):
+        kernels.forward(p["x"], p["A"], p["B"], (idx, w), backend=backend)
+    idx[6] = [0, 3]
+    with pytest.raises(ValueError, match="expert 3 at position"):
+        kernels.forward(p["x"], p["A"], p["B"], kernels.TopKGates(idx, w), backend=backend)
+    idx[6] = [-1, -1]  # two empty slots are allowed
+    want = kernels.forward(p["x"], p["A"], p["B"], (idx, w), backend="numpy")
+    check("empty slots", kernels.forward(p["x"], p["A"], p["B"], (idx, w), backend=backend), want, 1e-6)
+    with pytest.raises(ValueError, match="idx has shape"):
+        kernels.forward(p["x"], p["A"], p["B"], np.zeros(7, np.int32), backend=backend)
+    with pytest.raises(ValueError, match="scale has shape"):
+        kernels.forward(p["x"], p["A"], p["B"], np.zeros(8, np.int32), np.ones(2, np.float32), backend=backend)
+    with pytest.raises(ValueError, match="out_mask has shape"):
+        kernels.forward(p["x"], p["A"], p["B"], np.zeros(8, np.int32), 1.0, None, np.ones((3, 4), np.float32),
+                        backend=backend)
+    # plain LoRA's shared index is trusted without a range check because it cannot be changed
+    from tinyslim.kernels.problem import zero_index
+    z = zero_index(8)
+    assert z is zero_index(8) and not z.any() and not z.flags.writeable
+    with pytest.raises((ValueError, TypeError)):
+        z[0] = 5
+    with pytest.raises(ValueError):
+        z.flags.writeable = True
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_empty_and_non_contiguous_inputs(backend):
     p = _valid(N=0)
     y = kernels.forward(p["x"], p["A"], p["B"], np.zeros((0, 3), np.float32), backend=backend)
@@ -578,17 +617,22 @@ def test_kernel_versions_by_name(monkeypatch):
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("form", ["dense", "topk", "index"])
-def test_long_sums_are_blocked_correctly(backend, form):
-    """D and O longer than the C kernel's inner block (128), ragged, with ranks on both micro-kernels."""
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_long_sums_are_blocked_correctly(backend, form, dtype):
+    """D, O and the token count longer than the C kernel's inner blocks (v3: 64 rows of a sum at a time),
+    ragged, with ranks on both micro-kernels and rank sides wide enough for the blocked panels."""
     rng = np.random.default_rng(11)
-    for r, E in ((3, 2), (12, 3)):
-        N, D, O = 70, 300, 261
+    for r, E in ((3, 2), (12, 3), (17, 5)):
+        N, D, O = 150, 300, 261
         prob = dict(x=rng.standard_normal((N, D)), A=rng.standard_normal((E, r, D)), B=rng.standard_normal((E, O, r)),
                     gates=make_gates(rng, form, N, E, np.float64), scale=rng.uniform(0.5, 2, E),
                     in_mask=(rng.random((E, D)) < 0.7).astype(np.float64), out_mask=None,
                     dy=rng.standard_normal((N, O)))
-        for name, got, want in zip(NAMES, run(prob, backend), run(prob, "numpy")):
-            check(f"{name} r={r}", got, want, TOL[np.float64])
+        want = run(prob, "numpy")
+        prob = {k: (v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else
+                    (v[0], v[1].astype(dtype)) if isinstance(v, tuple) else v) for k, v in prob.items()}
+        for name, got, w in zip(NAMES, run(prob, backend), want):
+            check(f"{name} r={r}", got, w, TOL[dtype])
 
 
 @CPU

@@ -70,6 +70,10 @@ HAVE_CPU = kernels.available_backends()["cpu"][0]
 # * **v2** (`ext/lowrank_v2.h`) computes the same numbers in another order: tokens in blocks, the
 #   factors packed once per call, register-tiled vector micro-kernels, OpenMP threads when the problem
 #   is big enough to pay for them.
+# * **v3** (`ext/lowrank_v3.h`) is v2 with the wide products organised as a GEMM is: each 4-row × 4-vector
+#   accumulator block stays in registers while the sum runs over blocks of 64 rows that sit in L1, and
+#   coefficient rows that are already contiguous (x, dy, the rank intermediates) are read in place
+#   instead of being copied into a packed panel first.
 #
 # We write the concat-GEMM here (it is four lines) and take the other two from tinyslim.
 
@@ -298,7 +302,8 @@ print("plot written to", OUT / "09_roofline.png")
 # experts); the concat-GEMM is good for dense gates and wasteful for sparse ones; the fused kernel
 # reads x once and does only the work the gates ask for. Between the C versions: v1 does exactly the
 # arithmetic v2 does, in the order of the equation, one scalar at a time, and lands at a few % of the
-# roofline; v2's blocking, packing and vector tiles are where the rest comes from. The full sweep, the backward and the torch
+# roofline; v2's blocking, packing and vector tiles are where most of the rest comes from, and v3's
+# cache blocking of the long sums adds to it on the shapes with a wide rank side (dense gates). The full sweep, the backward and the torch
 # baselines are in `python benchmarks/bench_kernels.py`. Nothing here asserts a speed: the checks
 # above are about correctness only.
 
