@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tinyslim.torch as tt  # noqa: E402
-from test_adapters_base import random_batch, random_gpt, tiny_tasks  # noqa: E402
+from test_adapters_base import assert_trained_outputs_close, random_batch, random_gpt, tiny_tasks  # noqa: E402
 from tinyslim import adapters  # noqa: E402
 from tinyslim.nn import GPTConfig  # noqa: E402
 from tinyslim.optim import Adam  # noqa: E402
@@ -130,12 +130,12 @@ def run_lock_step(ours, ref, tasks, lr: float = 2e-2) -> dict:
     return worst
 
 
-def assert_learners_agree(ours, ref, x):
+def assert_learners_agree(ours, ref, x, rtol: float = RTOL):
     assert ours.learners() == ref.learners()
     for learner in ref.learners():
         with ref.evaluating(learner) as model_ref, ours.evaluating(learner) as model_ours:
             assert not torch.is_grad_enabled()
-            assert_close(model_ours(x)[0], model_ref(x)[0].data, f"{learner} learner's logits")
+            assert_close(model_ours(x)[0], model_ref(x)[0].data, f"{learner} learner's logits", rtol=rtol)
 
 
 # ---- the property tests ------------------------------------------------------------------------------
@@ -209,6 +209,38 @@ def test_cola_matches_numpy_through_its_knots_lr_schedule_and_a_second_chain(cas
     for name, W in ref.merged_weights().items():
         assert_close(ours.merged_weights()[name], W, f"W_final of {name}")
     assert_learners_agree(ours, ref, tasks[0][0][0])
+
+
+@pytest.mark.parametrize("kind, over", [
+    ("ilora", dict(r=2, buffer_size=6, gamma=0.7, ema_lambda=0.9, lora_dropout=0.25, target_modules="all-linear")),
+    ("cola", dict(r=2, chain_len=3, ranks=[2, 2, 1], lr=3e-2, target_modules=["attn.c_attn", "mlp.c_proj"])),
+])
+def test_free_runs_on_both_engines_end_in_the_same_state(kind, over):
+    """No syncing: each engine runs its own trajectory (3 tasks x 4 steps), compared at the end as whole
+    tensors, ‖torch − numpy‖ ≤ 1e-8 · ‖numpy‖ (test_adapters_base.assert_trained_outputs_close's bound: a
+    gradient entry near Adam's ε turns rounding into ~1e-10 moves, which compound over a trajectory)."""
+    config = GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=8, **GPT_FIELDS)
+    ours, ref = twins(config, kind, over, seed=12)
+    tasks = tiny_tasks(3, n_tasks=3, steps=4, B=2, T=5, config=config)
+    for method, opt in ((ref, Adam(ref.trainable_parameters(), lr=2e-2)),
+                        (ours, TorchAdam(ours.trainable_parameters(), lr=2e-2))):
+        for k, batches in enumerate(tasks):
+            method.before_task(k, len(batches), opt)
+            for step, (x, y, mask) in enumerate(batches):
+                loss = method.loss(x, y, mask)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                method.after_step(step, opt)
+            method.after_task(k)
+    (a_ours, m_ours), (a_ref, m_ref) = ours.state_dict(), ref.state_dict()
+    assert sorted(a_ours) == sorted(a_ref) and m_ours["streams"] == m_ref["streams"]
+    for key, value in a_ref.items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert_trained_outputs_close(np.asarray(a_ours[key]), value, what=key)
+        else:
+            np.testing.assert_array_equal(a_ours[key], value, err_msg=key)
+    assert_learners_agree(ours, ref, tasks[0][0][0], rtol=1e-8)
 
 
 # ---- I-LoRA's hooks on torch -----------------------------------------------------------------------------
