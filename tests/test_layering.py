@@ -20,6 +20,7 @@ LAYERS = [
     ["evaluate", "tasks"],
     ["train"],
     ["pretrained", "hf"],
+    ["torch"],  # the optional torch engine: the NumPy methods with their layers as torch modules
     ["experiments", "testing"],
     ["cli", "__main__"],
 ]
