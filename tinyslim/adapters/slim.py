@@ -331,6 +331,25 @@ class SlimLinear(AdaptedLinear):
             raise ValueError(f"token_mask holds {real.size} tokens but the layer got {N}")
         return real
 
+    # ---- the Method's per-step hooks (the torch layer has the same methods) -----------------------------
+    def l1_terms(self) -> tuple:
+        """(‖A‖₁/(r·D), ‖B‖₁/(O·r)) over this layer's E_L experts: its two terms of L_L1."""
+        _, r, D = self.lora_A.shape
+        O = self.lora_B.shape[1]
+        return abs_sum(self.lora_A) / (r * D), abs_sum(self.lora_B) / (O * r)
+
+    def factors_snapshot(self) -> tuple:
+        """(A, B) copied before an optimizer step (mask_mode "update")."""
+        return self.lora_A.data.copy(), self.lora_B.data.copy()
+
+    def undo_masked_changes(self, before: tuple) -> None:
+        """mask_mode "update": a dropped column of A_e (m^in_e = 0) or row of B_e (m^out_e = 0) gets its
+        value of `before` (the factors_snapshot taken before the step) back."""
+        A0, B0 = before
+        keep_in, keep_out = self.in_mask[:, None, :] > 0, self.out_mask[:, :, None] > 0
+        self.lora_A.data[...] = np.where(keep_in, self.lora_A.data, A0)
+        self.lora_B.data[...] = np.where(keep_out, self.lora_B.data, B0)
+
     def delta_weight(self):
         raise NotImplementedError("SLIM cannot be merged into W0: its routing depends on the input")
 
@@ -363,9 +382,8 @@ def l1_penalty(layers) -> Tensor:
     """L_L1 = Σ_layers Σ_{e∈𝓛} ( ‖A_e‖₁/(r·D) + ‖B_e‖₁/(O·r) ): the mean absolute entry of every factor."""
     total = 0.0
     for layer in layers:
-        _, r, D = layer.lora_A.shape
-        O = layer.lora_B.shape[1]
-        total = total + abs_sum(layer.lora_A) / (r * D) + abs_sum(layer.lora_B) / (O * r)
+        a, b = layer.l1_terms()  # (the layer's engine: NumPy here, torch in tinyslim.torch)
+        total = total + a + b
     return total
 
 
@@ -387,7 +405,7 @@ class SLIM(Method):
         for layer in layers:
             layer.draw_masks()  # 1. this step's masks (the `mask` stream)
         if cfg.mask_mode == "update" and cfg.drop_p:  # the factors before this step, to drop the masked changes
-            self._before_step = [(layer.lora_A.data.copy(), layer.lora_B.data.copy()) for layer in layers]
+            self._before_step = [layer.factors_snapshot() for layer in layers]
         with token_context(layers, token_mask=self.real_tokens(x)):
             _, loss = self.model(x, y, loss_mask=mask, rng=rng)  # 2. (seeds the clusters on the first batch)
         if cfg.l1_coef:
@@ -400,10 +418,7 @@ class SLIM(Method):
         before, self._before_step = getattr(self, "_before_step", None), None
         for k, layer in enumerate(self.layers()):
             if before is not None:  # mask_mode "update": a masked column of A_e / row of B_e keeps its old value
-                A0, B0 = before[k]
-                keep_in, keep_out = layer.in_mask[:, None, :] > 0, layer.out_mask[:, :, None] > 0
-                layer.lora_A.data[...] = np.where(keep_in, layer.lora_A.data, A0)
-                layer.lora_B.data[...] = np.where(keep_out, layer.lora_B.data, B0)
+                layer.undo_masked_changes(before[k])
             layer.update_clusters()  # 5. with the inputs cached by this step's forward
 
     def state_dict(self) -> tuple[dict, dict]:

@@ -9,11 +9,12 @@ from .ilora import ILoRA
 from .lora import ER, SeqLoRA
 from .merging import NLA, LoraSum
 from .mole import Mole
+from .slim import SLIM, MoELoRA
 
 __all__ = ["METHODS", "make_method"]
 
 # one line per method file; the names are the NumPy registry's (tinyslim.adapters.REGISTRY)
-METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA, Mole, NLA, LoraSum, Elder, FTLoRA, Grace)}
+METHODS = {cls.name: cls for cls in (SeqLoRA, ER, ILoRA, COLA, SLIM, MoELoRA, Mole, NLA, LoraSum, Elder, FTLoRA, Grace)}
 
 
 def make_method(name: str, **overrides):
