@@ -298,15 +298,14 @@ if not FAST:
 # ## 5. Where replay alone is not enough: five tasks
 #
 # On two or three tasks a 200-example buffer holds enough of every old task for ER to keep nearly
-# all of it, and I-LoRA has nothing left to add (scenario A: ER 98.1%, I-LoRA 98.0% over five seeds).
+# all of it, and I-LoRA has nothing left to add (scenario A: ER 99.0%, I-LoRA 96.8% over five seeds).
 # The paper's claim is about the regime where replay is not enough. The suite's *replay study* is
 # that regime: the same buffer through five tasks (rot, srt, rev, cap, sft; 600 steps each), where ER
 # still learns every task but ends well below what it learned. The setting was chosen on a tuning
 # seed by looking at ER alone (docs/evidence.md, "The replay study"); here it runs on seed 0, with
-# the suite's own configuration. The committed five-seed report ran the same configuration with an
-# earlier build of the C kernel, whose sums round differently; a few thousand steps turn those last
-# bits into a point or so per seed (seed 0's ER: 87.2 there, 85.6 with today's kernel in the demo's
-# report; README, "Determinism").
+# the suite's own configuration, so it prints seed 0 of the committed five-seed report (ER: 85.6).
+# An earlier build of the C kernel, whose sums round differently, gave 87.2: a few thousand steps
+# turn those last bits into a point or so per seed (README, "Determinism").
 
 # %%
 from tinyslim.experiments.suite import suite_configs  # noqa: E402
@@ -355,11 +354,11 @@ else:
 # %% [markdown]
 # Why I-LoRA ties ER here, measured: its slow learner is an EMA of the fast one with a memory of about
 # $1/(1-\lambda)$ steps. At the paper's λ = 0.99 that is 100 steps against 600 per task, so by each
-# task's end the slow learner has caught up, and the two learners score the same (over seeds 0–4:
-# ACC 86.2 slow, 86.3 fast; BWT −15.8 and −16.0). A memory longer than a task does not rescue it: at
-# λ = 0.999 the slow learner cannot follow at all. On tuning seed 100 it scored 8.8% on each task
-# right after training on it (the fast learner 97.6%) and ended at ACC 42.0 against the fast learner's
-# 78.6 (`python -m tinyslim run continual --methods ilora --seed 100 --steps 600 --n-test 100
+# task's end the slow learner has caught up, and the two learners score nearly the same (over seeds
+# 0–4: ACC 86.6 both; BWT −15.2 slow and −15.7 fast, half a point). A memory longer than a task does
+# not rescue it: at λ = 0.999 the slow learner cannot follow at all. On tuning seed 100 it scored
+# 8.8% on each task right after training on it (the fast learner 97.6%) and ended at ACC 42.0 against
+# the fast learner's 78.6 (`python -m tinyslim run continual --methods ilora --seed 100 --steps 600 --n-test 100
 # --eval-batches 2 --method-args ilora.ema_lambda=0.999`). The plot shows seed 0's final accuracies.
 
 # %%
