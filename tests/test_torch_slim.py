@@ -22,7 +22,9 @@ probabilities and coefficients ≤ 1: gradients also pass within GRAD_NOISE = 1e
 max(1, the step's largest gradient entry) (measured: 3e-17). Adam divides such a noise gradient by
 √v + eps with √v ≪ eps = 1e-8 and moves the entry by up to lr·noise/eps (1e-9) per step on either engine at
 random: parameters also pass within the sum of that bound over the steps taken. Masks and seeding flags
-are compared exactly.
+are compared exactly. Measured over the ci examples (max |torch − numpy|): loss 1.3e-15, gradients
+1.4e-13, parameters after the steps 2.7e-14, cluster statistics and d 4.7e-11 (d divides by σ ≥ σ_min),
+evaluation logits 1.3e-14.
 """
 from __future__ import annotations
 
