@@ -87,15 +87,19 @@ def test_a_scenario_a_run_is_the_same_on_both_engines(world, name):
     assert ours_meta["streams"] == theirs_meta["streams"]  # every named stream drew as often on both engines
 
 
-def test_run_methods_on_the_torch_engine_writes_the_engine_and_refuses_numpy_only_rows(world):
+def test_run_methods_on_the_torch_engine_writes_the_engine_and_builds_every_row(world):
     base, _ = world
     config = ContinualConfig(tasks=("rev",), steps=2, batch_size=2, rank=2, lora_alpha=4, n_train=10, n_test=2,
                              eval_batches=1, eval_batch_size=2, fact_recall=False)
     doc = run_methods(["lora"], config, [0], base, progress=False, engine="torch")
     assert doc["engine"] == "torch" and doc["results"]["lora"][0]["method"] == "lora"
     assert "engine" not in run_methods(["lora"], config, [0], base, progress=False)  # NumPy documents as before
-    with pytest.raises(ValueError, match="torch engine"):
-        build_method("slim-no-masks", config, engine="torch")
+    for row in ("slim-no-masks", "lora-r4"):  # an ablation row and a parameter-matched LoRA: same config
+        mine, theirs = build_method(row, config), build_method(row, config, engine="torch")
+        assert type(theirs).__module__.startswith("tinyslim.torch") and theirs.name == mine.name
+        assert theirs.config == mine.config
+    with pytest.raises(ValueError, match="unknown method 'elder' on the torch engine"):
+        build_method("elder", config, engine="torch")  # scenario C's, not scenario A's
 
 
 class Interrupt(Exception):

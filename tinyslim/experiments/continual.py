@@ -405,14 +405,11 @@ def _load_run_checkpoint(path, identity: dict, method, optimizer) -> dict:
 def build_method(name: str, config: ContinualConfig, overrides: dict | None = None, engine=None):
     """make_method(name) with the scenario's shared settings (those fields its config has), then the
     user's overrides on top (an unknown field there is an error). SLIM's ablation rows
-    ("slim-no-identity", "slim-no-yielding", "slim-no-masks", …) are names too (NumPy engine).
+    ("slim-no-identity", "slim-no-yielding", "slim-no-masks", …) are names too.
     engine: "numpy" (default) or "torch": whose method class is made."""
-    from ..adapters import SLIM_ABLATIONS, make_slim_ablation
-
     engine = get_engine(engine)
     METHODS, make_method = engine.methods, engine.make_method
-    if engine is not NUMPY:
-        SLIM_ABLATIONS = {}
+    SLIM_ABLATIONS, make_slim_ablation = engine.ablations, engine.make_ablation
 
     rank = parity_rank(name)
     if rank is not None:  # "lora-r35": plain LoRA at rank 35, same scale α/r as every method

@@ -6,7 +6,8 @@ The runner knows no method by name, and no engine either: it asks the engine for
                                   weights as a transformers GPT2LMHeadModel behind tinyslim.torch.CausalLM
                                   (torch, ``from_gpt``); the base itself is never touched
     engine.view(base)             the base as this engine's model, for measuring it (numpy: the base itself)
-    engine.methods                the method classes by name; engine.make_method(name, **fields)
+    engine.methods                scenario A's method classes by name; engine.make_method(name, **fields)
+    engine.ablations              SLIM's ablation rows by name; engine.make_ablation(row, **fields)
     engine.optimizer_class        Adam: tinyslim.optim's, or torch.optim.Adam behind the same interface
     engine.clip_grad_norm_        the global-norm clip with tinyslim.optim's rule
     engine.param_count(p)         the number of entries of a trainable parameter
@@ -37,10 +38,12 @@ class Engine:
     name: str
     model: Callable  # base GPT -> a new model of this engine, with the base's weights
     view: Callable  # base GPT -> the base as this engine's model (may be the base itself)
-    methods: dict  # method name -> class
-    make_method: Callable  # (name, **fields) -> a fresh method
+    methods: dict  # scenario A's method name -> class
+    make_method: Callable  # (name, **fields) -> a fresh method (of any scenario)
     optimizer_class: Callable  # (params, lr=...) -> optimizer with reset_state(), lr, state_dict()
     clip_grad_norm_: Callable  # (params, max_norm) -> the norm before clipping
+    ablations: dict  # SLIM's ablation rows: name -> what the row removes
+    make_ablation: Callable  # (row, **fields) -> a fresh SLIM of that row
 
     @staticmethod
     def param_count(p) -> int:
@@ -51,10 +54,11 @@ class Engine:
 
 
 def _numpy_engine() -> Engine:
-    from ..adapters import METHODS, make_method
+    from ..adapters import METHODS, SLIM_ABLATIONS, make_method, make_slim_ablation
 
     return Engine(name="numpy", model=copy.deepcopy, view=lambda base: base, methods=METHODS,
-                  make_method=make_method, optimizer_class=Adam, clip_grad_norm_=clip_grad_norm_)
+                  make_method=make_method, optimizer_class=Adam, clip_grad_norm_=clip_grad_norm_,
+                  ablations=SLIM_ABLATIONS, make_ablation=make_slim_ablation)
 
 
 @functools.cache

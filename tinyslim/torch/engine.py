@@ -14,7 +14,9 @@ from torch import nn
 
 from .lm import CausalLM, from_gpt
 from .optim import Adam, clip_grad_norm_
+from .. import adapters
 from .registry import METHODS, make_method
+from .slim import make_slim_ablation
 
 __all__ = ["PARTS", "torch_model"]
 
@@ -27,5 +29,6 @@ def torch_model(base) -> CausalLM:
     return from_gpt(base)
 
 
-PARTS = dict(model=torch_model, view=torch_model, methods=METHODS, make_method=make_method, optimizer_class=Adam,
-             clip_grad_norm_=clip_grad_norm_)
+PARTS = dict(model=torch_model, view=torch_model, make_method=make_method, optimizer_class=Adam,
+             clip_grad_norm_=clip_grad_norm_, make_ablation=make_slim_ablation, ablations=adapters.SLIM_ABLATIONS,
+             methods={name: cls for name, cls in METHODS.items() if name in adapters.METHODS})  # scenario A's
