@@ -30,6 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# One OpenMP wait policy for every path timed here, set before torch loads its OpenMP runtime (the C
+# kernels then run on it too): passive, unless the caller chose one (tinyslim/torch/__init__.py says why).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 
 def _percentiles(times):
     import numpy as np

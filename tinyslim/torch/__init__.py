@@ -22,6 +22,16 @@ Importing ``tinyslim`` never imports torch; importing ``tinyslim.torch`` needs i
 """
 from __future__ import annotations
 
+import os
+
+# torch starts its OpenMP runtime when it is imported, and tinyslim's C kernels then run on it too.
+# Its threads spin at barriers by default; two thread pools spinning on a shared machine cost whole
+# scheduler ticks (bench train-step --part torch-path, 2 threads: the NumPy SLIM step 110 ms spinning,
+# 28 ms passive). Passive waiting, as tinyslim.kernels.cpu chooses, unless the caller set a policy;
+# it takes effect only when torch is first imported here.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 try:
     import torch as _torch  # noqa: F401  (the real PyTorch: absolute imports never see this package)
 except ImportError as err:  # pragma: no cover - exercised only without torch installed
