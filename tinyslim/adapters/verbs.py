@@ -25,8 +25,8 @@ from ..nn import GPT, Linear, Module
 from .streams import Streams
 
 __all__ = ["AdaptedLinear", "adapted_layers", "linear_names", "matches_target", "inject",
-           "mark_only_adapters_trainable", "adapter_state_dict", "load_adapter_state_dict", "refuse_tied_merge",
-           "merge", "unmerge", "merge_and_unload", "AdapterSwitch", "disable_adapters", "enable_adapters",
+           "mark_only_adapters_trainable", "adapter_state_dict", "checked_adapter_targets", "load_adapter_state_dict",
+           "refuse_tied_merge", "merge", "unmerge", "merge_and_unload", "AdapterSwitch", "disable_adapters", "enable_adapters",
            "trainable_parameter_counts", "print_trainable_parameters", "token_context"]
 
 
@@ -167,22 +167,29 @@ def adapter_state_dict(model: Module) -> dict:
             for key, t in layer.adapter_tensors().items()}
 
 
-def load_adapter_state_dict(model: Module, state: dict) -> None:
-    """Copy adapter arrays into the model in place (optimizers keep their references)."""
-    own = {f"{name}.{key}": (layer, t) for name, layer in adapted_layers(model)
-           for key, t in layer.adapter_tensors().items()}
+def checked_adapter_targets(layers, state: dict) -> dict:
+    """{"<module>.<array>": (layer, tensor)} of the adapted `layers` ((name, layer) pairs), after checking
+    that `state` has exactly these keys, each of the tensor's shape, and no layer is merged. Both
+    engines' load_adapter_state_dict copy only once every entry has passed."""
+    own = {f"{name}.{key}": (layer, t) for name, layer in layers for key, t in layer.adapter_tensors().items()}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise KeyError(f"load_adapter_state_dict: missing keys {missing[:6]}{'…' if len(missing) > 6 else ''}, "
                        f"unexpected keys {unexpected[:6]}{'…' if len(unexpected) > 6 else ''} (was the state saved "
                        "from another method, target_modules or model?)")
     for key, (layer, t) in own.items():
-        value = np.asarray(state[key])
-        if value.shape != t.shape:
-            raise ValueError(f"load_adapter_state_dict: {key} has shape {value.shape} in the state but {t.shape} in "
+        shape, want = tuple(np.shape(state[key])), tuple(t.shape)
+        if shape != want:
+            raise ValueError(f"load_adapter_state_dict: {key} has shape {shape} in the state but {want} in "
                              "the model (another r or model size?)")
         if layer.merged:
             raise RuntimeError(f"load_adapter_state_dict: {key.rpartition('.')[0]} is merged; unmerge(model) first")
+    return own
+
+
+def load_adapter_state_dict(model: Module, state: dict) -> None:
+    """Copy adapter arrays into the model in place (optimizers keep their references)."""
+    own = checked_adapter_targets(adapted_layers(model), state)
     for key, (_, t) in own.items():
         np.copyto(t.data, np.asarray(state[key]), casting="same_kind")
 

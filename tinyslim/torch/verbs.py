@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..adapters.streams import Streams
-from ..adapters.verbs import AdapterSwitch, matches_target
+from ..adapters.verbs import AdapterSwitch, checked_adapter_targets, matches_target
 from .layers import AdaptedLinear, linear_features
 
 __all__ = ["inner_model", "adapted_layers", "linear_names", "inject", "mark_only_adapters_trainable",
@@ -84,20 +84,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 def load_adapter_state_dict(model: nn.Module, state: dict) -> None:
     """Copy adapter arrays (NumPy or torch) into the model in place (optimizers keep their references)."""
-    own = {f"{name}.{key}": (layer, t) for name, layer in adapted_layers(model)
-           for key, t in layer.adapter_tensors().items()}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"load_adapter_state_dict: missing keys {missing[:6]}{'…' if len(missing) > 6 else ''}, "
-                       f"unexpected keys {unexpected[:6]}{'…' if len(unexpected) > 6 else ''} (was the state saved "
-                       "from another method, target_modules or model?)")
-    for key, (layer, t) in own.items():
-        shape = tuple(np.shape(state[key]))
-        if shape != tuple(t.shape):
-            raise ValueError(f"load_adapter_state_dict: {key} has shape {shape} in the state but {tuple(t.shape)} "
-                             "in the model (another r or model size?)")
-        if layer.merged:
-            raise RuntimeError(f"load_adapter_state_dict: {key.rpartition('.')[0]} is merged; unmerge(model) first")
+    own = checked_adapter_targets(adapted_layers(model), state)
     with torch.no_grad():
         for key, (_, t) in own.items():
             value = state[key]
