@@ -10,7 +10,8 @@ What one run does, in order (docs/benchmarks.md):
   1. measure the roofs in this process: P_peak = best of 5 float32 2048³ matmuls, BW = best sum
      over a 256 MB array (GPU: a large matmul and a 1 GB device-to-device copy);
   2. per shape: check every path against a float64 reference (max relative error of y, dx, dA, dB,
-     dgate), then time it: 3 warm-ups, ≥ 20 runs over a rotating pool of inputs, median and p10/p90;
+     dgate), then time it: 3 warm-ups, ≥ 20 rounds of every path once, in a new shuffled order each round, every
+     call on the next of a rotating pool of inputs; median and p10/p90;
   3. print one row per shape and direction: time, GFLOP/s, GB/s, bound, % of roofline, speed-up
      against each baseline and the best, then a geometric-mean summary and the targets; --json
      writes everything.
@@ -348,19 +349,26 @@ STAT = "median"  # the statistic rows and ratios use; --stat min on a loaded mac
 
 
 def time_interleaved(calls: dict, runs: int, warmup: int, min_time=0.3) -> dict:
-    """calls: {key: (fn, pool)}. Round-robin: run i times every path once, on pool entry i, so that all
-    paths see the same load from the rest of the machine. Tiny shapes get more rounds (≥ min_time s)."""
+    """calls: {key: (fn, pool)}. In rounds: each round runs every path once, in an order shuffled anew
+    each round (a fixed seed), and every call takes the next entry of the pool, so that no path always
+    runs first on inputs nobody has touched, or always right after the same neighbour, while the
+    others find the inputs in cache. Tiny shapes get more rounds (≥ min_time s)."""
+    keys = list(calls)
     for key, (fn, pool) in calls.items():
         for i in range(warmup):
             fn(*pool[i % len(pool)])
     ts = {key: [] for key in calls}
+    order = np.random.default_rng(0)
     gc.collect()
     gc.disable()  # as timeit does: a collection inside one timed call is not that call's cost
     try:
-        start, i = time.perf_counter(), 0
+        start, i, c = time.perf_counter(), 0, 0
         while i < runs or (time.perf_counter() - start < min_time and i < 50 * runs):
-            for key, (fn, pool) in calls.items():
-                args = pool[i % len(pool)]
+            for j in order.permutation(len(keys)):
+                key = keys[j]
+                fn, pool = calls[key]
+                args = pool[c % len(pool)]
+                c += 1
                 t0 = time.perf_counter()
                 fn(*args)
                 ts[key].append(time.perf_counter() - t0)
@@ -371,7 +379,8 @@ def time_interleaved(calls: dict, runs: int, warmup: int, min_time=0.3) -> dict:
 
 
 def make_pool(d, dtype=np.float32, to=None):
-    """Rotating copies of (x, dy) so that the working set exceeds the last-level cache."""
+    """Copies of (x, dy), taken in turn call after call, so that the working set exceeds the last-level
+    cache (up to 32 copies: a call's inputs were last touched 32 calls before)."""
     per = d["x"].nbytes + d["dy"].nbytes
     n = int(min(32, max(1, math.ceil(2 * LLC_BYTES / max(per, 1)))))
     pool = [(d["x"], d["dy"])] + [(d["x"].copy(), d["dy"].copy()) for _ in range(n - 1)]
@@ -568,7 +577,7 @@ def environment(threads) -> dict:
     env = {"python": platform.python_version(), "numpy": np.__version__, "cpu": cpu, "cores": os.cpu_count(),
            "ext_threads": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
            }
     from tinyslim.kernels import cpu as cpu_mod
     env["ext_build"] = cpu_mod.build_info()
@@ -704,7 +713,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           + (f", torch {env['torch']} ({env['torch_threads']} threads)" if torch is not None else ", torch: not installed")
           + f"; extension threads {threads}; OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
             f"OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']} (NumPy's BLAS uses all cores unless set) "
-            f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
+            f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}")
     print(f"times: the {STAT} of the interleaved calls (--stat)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (other processes share "
           "these cores: compare ratios, which are measured on the same data in the same process)")

@@ -1,6 +1,6 @@
 /* lowrank_v3.h — version 3 of the low-rank mixture kernel on the CPU (C99 + OpenMP), docs/methods.md §8.
- * Version 2 (lowrank_v2.h) with three changes, everything else (the driver, the work items, the
- * threads, the dot-product tiles) the same; version 1 (lowrank_v1.h) is the op in plain loops.
+ * Version 2 (lowrank_v2.h) with four changes, everything else (the work items, each thread's share of
+ * them, the dot-product tiles) the same; version 1 (lowrank_v1.h) is the op in plain loops.
  *
  *   1. The wide products are cache-blocked as a GEMM is: the sum over b runs in blocks of KC_V3 = 64 In
  *      rows, and each block (64 rows × one 4-vector panel = 16 KB in float32 with AVX-512) is used by every
@@ -12,6 +12,11 @@
  *   3. Thread 0 sums its part of dA straight into dA (zeroed once); the other threads' partials are added
  *      to it in thread order, so the result is the same on every run and there is no copy when one
  *      thread does all the work (a small call's backward, N = 1: 7.2 → 4.8 µs).
+ *   4. One parallel region per call (packing, work items, reduction), its phases separated by short spin
+ *      waits (spin_wait_v3) instead of OpenMP barriers. v2 opened up to three regions with an explicit
+ *      barrier and a worksharing loop's barrier inside: under passive waiting each one puts a thread to
+ *      sleep, and on a 2-core VM a wake-up costs ~50 µs (a 2-thread LoRA forward at N = 4096, D 128,
+ *      O 16 took 191 µs against 167 µs on one thread; one region: 125 µs).
  *
  * Names carry the suffix _v3 (axpys_v3, group_forward_v3, …): version 2's file is compiled into the same
  * translation unit, and each version keeps its own greppable copy.
@@ -55,6 +60,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include "lowrank.h"
 #ifdef _OPENMP
@@ -604,37 +610,78 @@ static void reduce_row_v3(const prob_t_v3 *p, const scratch_t_v3 *scr, int nthre
         }
 }
 
+/* Iterations [lo, hi) of n that thread t of nth gets: contiguous shares, the first n % nth threads one
+ * more (OpenMP's schedule(static) split, so the item → thread map, and with it the order in which dA, dB
+ * are summed, is fixed). */
+static void share_v3(int64_t n, int t, int nth, int64_t *lo, int64_t *hi) {
+    const int64_t q = n / nth, rem = n % nth;
+    *lo = t * q + min64_v3(t, rem);
+    *hi = *lo + q + (t < rem);
+}
+
+/* Waits until `count` threads have arrived at *arrived (this one included). Inside one parallel region
+ * every thread is awake, so the wait is only the imbalance between them: spin on it, yielding the core
+ * now and then (a thread that is not running on this machine would otherwise be waited for by spinning).
+ * An OpenMP barrier would do the same but, under OMP_WAIT_POLICY=PASSIVE, puts the early thread to sleep
+ * in the kernel; waking it costs ~50 µs on a 2-core VM, more than a small call's whole work. */
+static void spin_wait_v3(int *arrived, int count) {
+    __atomic_add_fetch(arrived, 1, __ATOMIC_ACQ_REL);
+    for (int64_t spins = 1; __atomic_load_n(arrived, __ATOMIC_ACQUIRE) < count; spins++) {
+        if (spins % 1024 == 0) sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+#endif
+    }
+}
+
 typedef struct {
-    const prob_t_v3 *p;
+    prob_t_v3 *p;
     scratch_t_v3 *scr;
     const int32_t *order;
     const int64_t *seg;
     int64_t TB, nitems;
     int backward, want_dA, want_dB;
+    /* packing and reducing the factors (split over the threads when pack_parallel) */
+    const real *A, *B, *in_mask, *out_mask;
+    real *Ap, *Bt, *ApT, *Bp, *dA, *dB;
+    int pack_parallel, nthreads;
+    int packed, done, err; /* spin_wait_v3 counters; err: some thread could not allocate its scratch */
 } work_t_v3;
 
-/* Every work item, split over the threads of the enclosing parallel region (or all of them on the
- * calling thread: outside a region, `omp for` runs every iteration and `omp barrier` does nothing). */
-static void run_items_v3(const work_t_v3 *w, int *err) {
-    const prob_t_v3 *p = w->p;
-    const int64_t TB = w->TB, nitems = w->nitems, *seg = w->seg;
-    int t = 0;
+/* Rank rows [lo, hi) of the packed factors. */
+static void pack_rows_v3(work_t_v3 *w, int64_t lo, int64_t hi) {
+    for (int64_t er = lo; er < hi; er++)
+        pack_row_v3(w->p, w->A, w->B, w->in_mask, w->out_mask, w->Ap, w->Bt, w->ApT, w->Bp, er);
+}
+
+/* One thread's part of the whole call, inside the parallel region (or all of it on the calling thread):
+ * its share of the packing, then of the work items, then of the dA, dB reduction. The only waits are
+ * spin_wait_v3 between the phases that need everybody's results, and one at the very end, so that the
+ * calling thread never has to sleep at the region's closing barrier. */
+static void run_thread_v3(work_t_v3 *w) {
+    prob_t_v3 *p = w->p;
+    const int64_t TB = w->TB, nitems = w->nitems, *seg = w->seg, ER = p->E * p->r;
+    int t = 0, nth = 1;
 #ifdef _OPENMP
-    t = omp_get_thread_num();
-#endif
-    scratch_t_v3 *s = &w->scr[t];
-    if (scratch_alloc_v3(s, p, TB, w->backward && w->want_dA, w->backward && w->want_dB, t)) {
-#pragma omp atomic write
-        *err = 1;
+    if (w->nthreads > 1) {
+        t = omp_get_thread_num();
+        nth = omp_get_num_threads(); /* the runtime may give fewer threads than asked for */
     }
-#pragma omp barrier
-    int failed;
-#pragma omp atomic read
-    failed = *err;
-    if (failed) return;
-    if (p->index) {
-#pragma omp for schedule(static) /* fixed item → thread map: dA, dB sum in the same order every run */
-        for (int64_t it = 0; it < nitems; it++) {
+#endif
+    int64_t lo, hi;
+    if (w->pack_parallel) {
+        share_v3(ER, t, nth, &lo, &hi);
+        pack_rows_v3(w, lo, hi);
+        spin_wait_v3(&w->packed, nth);
+    }
+    scratch_t_v3 *s = &w->scr[t];
+    const int ok = !scratch_alloc_v3(s, p, TB, w->backward && w->want_dA, w->backward && w->want_dB, t);
+    if (!ok) __atomic_store_n(&w->err, 1, __ATOMIC_RELEASE); /* the call fails; the others still finish */
+    share_v3(nitems, t, nth, &lo, &hi);
+    for (int64_t it = lo; ok && it < hi; it++) {
+        if (p->index) {
             int64_t e = 0, base = 0; /* item → (expert, chunk), items numbered in segment order */
             for (;; e++) {
                 const int64_t chunks = (seg[e + 1] - seg[e] + TB - 1) / TB;
@@ -643,15 +690,22 @@ static void run_items_v3(const work_t_v3 *w, int *err) {
             }
             const int64_t first = seg[e] + (it - base) * TB;
             index_chunk_v3(p, s, w->order + first, min64_v3(TB, seg[e + 1] - first), e, w->backward);
-        }
-    } else {
-#pragma omp for schedule(static) /* fixed item → thread map: dA, dB sum in the same order every run */
-        for (int64_t it = 0; it < nitems; it++) {
+        } else {
             const int64_t n0 = it * TB, n1 = min64_v3(p->N, n0 + TB);
             if (p->dense) dense_block_v3(p, s, n0, n1, w->backward);
             else topk_block_v3(p, s, n0, n1, w->backward);
         }
     }
+    /* backward: dA = Σ_threads dAp ⊙ m_in,  dB = (Σ_threads dBt)ᵀ ⊙ m_out, by rank row; every partial
+     * must be complete first */
+    const int reduce = w->backward && (w->dA || w->dB);
+    if (nth > 1) spin_wait_v3(&w->done, nth);
+    if (reduce && !__atomic_load_n(&w->err, __ATOMIC_ACQUIRE) && (w->pack_parallel || t == 0)) {
+        if (w->pack_parallel) share_v3(ER, t, nth, &lo, &hi);
+        else lo = 0, hi = ER;
+        for (int64_t er = lo; er < hi; er++) reduce_row_v3(p, w->scr, nth, w->in_mask, w->out_mask, w->dA, w->dB, er);
+    }
+    if (nth > 1 && reduce && w->pack_parallel) spin_wait_v3(&w->done, 2 * nth);
 }
 
 /* Packs the masked factors, builds the work list, runs it on the threads, and for the backward reduces
@@ -660,11 +714,10 @@ static int run_v3(prob_t_v3 *p, const real *A, const real *B, const real *in_mas
                   real *dA, real *dB, int backward) {
     const int64_t N = p->N, D = p->D, O = p->O, r = p->r, E = p->E, ER = E * r;
     const int64_t work = N * p->K * r * (D + O) * (backward ? 2 : 1); /* multiply-adds */
-    const int nthreads = threads_for_v3(work, (N + 7) / 8);
+    int nthreads = threads_for_v3(work, (N + 7) / 8);
     const int64_t groups = p->dense ? 1 : E, R = p->dense ? ER : r, rp = (R + VL - 1) / VL * VL;
     p->rg = R;
     p->rp = rp;
-    int err = 0;
     scratch_t_v3 *scr = NULL;
     int32_t *order = NULL;
     int64_t *seg = NULL, TB = 0, nitems = 0;
@@ -684,20 +737,12 @@ static int run_v3(prob_t_v3 *p, const real *A, const real *B, const real *in_mas
         order = p->index ? carve_v3(&base, &used, N, sizeof *order) : NULL;
         seg = p->index ? carve_v3(&base, &used, E + 2, sizeof *seg) : NULL;
         scr = carve_v3(&base, &used, nthreads, sizeof *scr);
-        if (pass == 0 && !(base = arena_v3(0, used))) { err = 1; goto done; }
+        if (pass == 0 && !(base = arena_v3(0, used))) return 1;
     }
     if (ApT) memset(ApT, 0, groups * D * rp * sizeof *ApT); /* rank padding stays zero */
     if (Bp) memset(Bp, 0, groups * O * rp * sizeof *Bp);
     if (seg) memset(seg, 0, (E + 2) * sizeof *seg);
     memset(scr, 0, nthreads * sizeof *scr);
-    const int pack_parallel = nthreads > 1 && ER * (D + O) > 65536;
-    (void)pack_parallel; /* unused without OpenMP */
-    if (pack_parallel) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t er = 0; er < ER; er++) pack_row_v3(p, A, B, in_mask, out_mask, Ap, Bt, ApT, Bp, er);
-    } else {
-        for (int64_t er = 0; er < ER; er++) pack_row_v3(p, A, B, in_mask, out_mask, Ap, Bt, ApT, Bp, er);
-    }
     p->Ap = Ap ? Ap : A;
     p->Bt = Bt;
     p->ApT = ApT;
@@ -721,27 +766,21 @@ static int run_v3(prob_t_v3 *p, const real *A, const real *B, const real *in_mas
         TB = block_tokens_v3(N, E, p->K, p->dense, nthreads);
         nitems = (N + TB - 1) / TB;
     }
+    if (nitems < 2) nthreads = 1;
 
-    /* the work items; on the calling thread alone (no OpenMP call at all) when the problem is small */
-    const work_t_v3 w = {p, scr, order, seg, TB, nitems, backward, dA != NULL, dB != NULL};
-    if (nthreads > 1 && nitems > 1) {
+    /* One parallel region for the whole call (packing, items, reduction), or none at all when the problem
+     * is small: the calling thread then does everything without any OpenMP call. */
+    work_t_v3 w = {p, scr, order, seg, TB, nitems, backward, dA != NULL, dB != NULL,
+                   A, B, in_mask, out_mask, Ap, Bt, ApT, Bp, dA, dB,
+                   nthreads > 1 && ER * (D + O) > 65536, nthreads, 0, 0, 0};
+    if (!w.pack_parallel) pack_rows_v3(&w, 0, ER);
+    if (nthreads > 1) {
 #pragma omp parallel num_threads(nthreads)
-        run_items_v3(&w, &err);
+        run_thread_v3(&w);
     } else {
-        run_items_v3(&w, &err);
+        run_thread_v3(&w);
     }
-    if (err) goto done;
-
-    /* backward: dA = Σ_threads dAp ⊙ m_in,  dB = (Σ_threads dBt)ᵀ ⊙ m_out (threads that did not run
-     * have no partial) */
-    if (backward && (dA || dB) && pack_parallel) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t er = 0; er < ER; er++) reduce_row_v3(p, scr, nthreads, in_mask, out_mask, dA, dB, er);
-    } else if (backward && (dA || dB)) {
-        for (int64_t er = 0; er < ER; er++) reduce_row_v3(p, scr, nthreads, in_mask, out_mask, dA, dB, er);
-    }
-done:
-    return err;
+    return w.err;
 }
 
 static void setup_v3(prob_t_v3 *p, int64_t N, int64_t D, int64_t O, int64_t r, int64_t E, int64_t K,

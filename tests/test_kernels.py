@@ -596,6 +596,34 @@ def test_backend_selection(monkeypatch):
 
 
 @CPU
+@pytest.mark.parametrize("form", ["dense", "topk", "index"])
+def test_cpu_two_threads_split_every_phase(form):
+    """A problem big enough for two threads in every phase of a call: N·k·r·(D+O) multiply-adds far above
+    the 2·2²¹ that two threads need, and E·r·(D+O) = 16·16·400 > 65536, so the factors are packed and dA,
+    dB reduced by both threads too (the phases wait for each other). Two threads agree with one (y, dx
+    bit for bit: every row belongs to one thread) and with the float64 reference."""
+    rng = np.random.default_rng(3)
+    N, D, O, r, E = 1500, 240, 160, 16, 16
+    prob = dict(x=rng.standard_normal((N, D)), A=rng.standard_normal((E, r, D)), B=rng.standard_normal((E, O, r)),
+                gates=make_gates(rng, form, N, E, np.float64), scale=rng.uniform(0.5, 2, E),
+                in_mask=(rng.random((E, D)) < 0.8).astype(np.float64),
+                out_mask=(rng.random((E, O)) < 0.8).astype(np.float64), dy=rng.standard_normal((N, O)))
+    want = run(prob, "numpy")
+    before = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(1)
+        one = run(prob, "cpu")
+        kernels.set_num_threads(2)
+        two = run(prob, "cpu")
+    finally:
+        kernels.set_num_threads(before)
+    for name, a, b, w in zip(NAMES, one, two, want):
+        check(name, b, w, 1e-12)
+        check(name, a, b, 1e-13)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1]), "y and dx are per-row: bit-identical"
+
+
+@CPU
 def test_kernel_versions_by_name(monkeypatch):
     """'cpu' runs the newest version, 'cpu.v1' … one by number (also through TINYSLIM_BACKEND); an unknown
     version is a one-line error; v1 and the newest agree on a problem big enough to use threads."""
