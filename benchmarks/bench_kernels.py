@@ -11,7 +11,8 @@ What one run does, in order (docs/benchmarks.md):
      over a 256 MB array (GPU: a large matmul and a 1 GB device-to-device copy);
   2. per shape: check every path against a float64 reference (max relative error of y, dx, dA, dB,
      dgate), then time it: 3 warm-ups, ≥ 20 rounds of every path once, in a new shuffled order each round, every
-     call on the next of a rotating pool of inputs; median and p10/p90;
+     call on the next of a rotating pool of inputs (--blocked: each path's calls back to back instead);
+     median and p10/p90;
   3. print one row per shape and direction: time, GFLOP/s, GB/s, bound, % of roofline, speed-up
      against each baseline and the best, then a geometric-mean summary and the targets; --json
      writes everything.
@@ -378,6 +379,31 @@ def time_interleaved(calls: dict, runs: int, warmup: int, min_time=0.3) -> dict:
     return {key: stats(v) for key, v in ts.items()}
 
 
+def time_blocked(calls: dict, runs: int, warmup: int, min_time=0.3) -> dict:
+    """calls: {key: (fn, pool)}. Each path alone: its warm-ups, then its timed calls back to back (still on
+    the rotating pool), then the next path. Its code and the factors stay in cache, and no other path's
+    threads or data come between two calls: the op's own speed, not its speed among other work."""
+    out = {}
+    gc.collect()
+    for key, (fn, pool) in calls.items():
+        for i in range(warmup):
+            fn(*pool[i % len(pool)])
+        ts = []
+        gc.disable()
+        try:
+            start, i = time.perf_counter(), 0
+            while i < runs or (time.perf_counter() - start < min_time and i < 50 * runs):
+                args = pool[i % len(pool)]
+                t0 = time.perf_counter()
+                fn(*args)
+                ts.append(time.perf_counter() - t0)
+                i += 1
+        finally:
+            gc.enable()
+        out[key] = stats(ts)
+    return out
+
+
 def make_pool(d, dtype=np.float32, to=None):
     """Copies of (x, dy), taken in turn call after call, so that the working set exceeds the last-level
     cache (up to 32 copies: a call's inputs were last touched 32 calls before)."""
@@ -414,7 +440,7 @@ def rel_err(got, want):
 VERSION_WORK_LIMIT = 50e6  # multiply-adds: older (slower) kernel versions are timed only below this
 
 
-def run_cpu_case(case: Case, roofs: dict, runs: int, warmup: int, rng, versions=False) -> dict:
+def run_cpu_case(case: Case, roofs: dict, runs: int, warmup: int, rng, versions=False, blocked=False) -> dict:
     d = make_data(case, rng)
     args = dict(A=d["A"], B=d["B"], gates=d["gates"], scale=d["scale"])
     d64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in d.items()}
@@ -465,7 +491,7 @@ def run_cpu_case(case: Case, roofs: dict, runs: int, warmup: int, rng, versions=
                 torch.autograd.grad(_graphs[id(x)], (x,) + params, dy, retain_graph=True, allow_unused=True)
             calls[name, "fwd"] = (lambda x, dy, _fn=fn: _fn(x), tpool)
             calls[name, "bwd"] = (back, tpool)
-    timed = time_interleaved(calls, runs, warmup)
+    timed = (time_blocked if blocked else time_interleaved)(calls, runs, warmup)
     times = {}
     for (name, direction), st in timed.items():
         times.setdefault(name, {})[direction] = st
@@ -679,6 +705,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per path (≥ 20 for reported numbers)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--only", default="", help="run only shapes whose name contains this text")
+    parser.add_argument("--blocked", action="store_true",
+                        help="time each path's calls back to back instead of interleaving the paths call by call: "
+                             "each op alone, warm, with no other path's threads or data between its calls")
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="the time each row and ratio uses (min: the fastest of the interleaved calls, for a busy "
                              "machine)")
@@ -714,7 +743,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           + f"; extension threads {threads}; OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
             f"OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']} (NumPy's BLAS uses all cores unless set) "
             f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']}")
-    print(f"times: the {STAT} of the interleaved calls (--stat)")
+    print(f"times: the {STAT} of the {'calls of each path back to back (--blocked)' if args.blocked else 'interleaved calls'} "
+          "(--stat)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (other processes share "
           "these cores: compare ratios, which are measured on the same data in the same process)")
     print(f"{env['ext_build']}")
@@ -735,7 +765,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               + " ".join(f"{b[:6]:>6}" for b in baselines) + " |  best   max err")
         print(f"{'':<40}     speed-up of the extension over each baseline (× faster), '-' = not run for this shape")
         for case in cases:
-            row = run_cpu_case(case, roofs, max(args.runs, 1), args.warmup, rng, args.versions)
+            row = run_cpu_case(case, roofs, max(args.runs, 1), args.warmup, rng, args.versions, args.blocked)
             row["group"] = group
             print_row(row, baselines)
             rows.append(row)
@@ -767,7 +797,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"WARNING: relative errors above 1e-3 in: {sorted(bad)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": "cpu", "env": env, "roofs": roofs, "rows": rows,
+        Path(args.json).write_text(json.dumps({"device": "cpu", "env": env, "roofs": roofs, "blocked": args.blocked, "rows": rows,
                                                "summary": summary}, indent=1))
         print(f"wrote {args.json}")
     return 0

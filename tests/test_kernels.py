@@ -716,6 +716,11 @@ def test_benchmark_smoke(tmp_path, capsys):
     if kernels.available_backends()["cpu"][0]:
         result = json.loads(out.read_text())
         assert result["rows"] and result["rows"][0]["errors"]["ext"]["y"] < 1e-5
+        assert result["blocked"] is False and result["rows"][0]["times"]["ext"]["fwd"]["runs"] >= 3
+        assert bench.main(["--only", "lora N1 ", "--runs", "3", "--warmup", "1", "--blocked", "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["blocked"] is True and result["rows"][0]["times"]["ext"]["fwd"]["runs"] >= 3
+        assert "back to back" in capsys.readouterr().out
     assert bench.main(["--device", "cuda"]) == 0  # without a GPU: says why, exits 0
 
 
