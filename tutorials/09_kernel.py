@@ -73,7 +73,9 @@ HAVE_CPU = kernels.available_backends()["cpu"][0]
 # * **v3** (`ext/lowrank_v3.h`) is v2 with the wide products organised as a GEMM is: each 4-row × 4-vector
 #   accumulator block stays in registers while the sum runs over blocks of 64 rows that sit in L1, and
 #   coefficient rows that are already contiguous (x, dy, the rank intermediates) are read in place
-#   instead of being copied into a packed panel first.
+#   instead of being copied into a packed panel first; and a call is one OpenMP parallel region whose
+#   phases wait for each other by short spins, where v2 opened several regions with barriers at which
+#   an idle thread goes to sleep (and takes time to wake).
 #
 # We write the concat-GEMM here (it is four lines) and take the other two from tinyslim.
 
