@@ -383,25 +383,7 @@ def time_blocked(calls: dict, runs: int, warmup: int, min_time=0.3) -> dict:
     """calls: {key: (fn, pool)}. Each path alone: its warm-ups, then its timed calls back to back (still on
     the rotating pool), then the next path. Its code and the factors stay in cache, and no other path's
     threads or data come between two calls: the op's own speed, not its speed among other work."""
-    out = {}
-    gc.collect()
-    for key, (fn, pool) in calls.items():
-        for i in range(warmup):
-            fn(*pool[i % len(pool)])
-        ts = []
-        gc.disable()
-        try:
-            start, i = time.perf_counter(), 0
-            while i < runs or (time.perf_counter() - start < min_time and i < 50 * runs):
-                args = pool[i % len(pool)]
-                t0 = time.perf_counter()
-                fn(*args)
-                ts.append(time.perf_counter() - t0)
-                i += 1
-        finally:
-            gc.enable()
-        out[key] = stats(ts)
-    return out
+    return {key: time_interleaved({key: path}, runs, warmup, min_time)[key] for key, path in calls.items()}
 
 
 def make_pool(d, dtype=np.float32, to=None):
